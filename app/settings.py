@@ -127,8 +127,8 @@ class Settings(BaseSettings):
     client_keys_file: Path | None = None
 
     upstreams: list[Upstream] = Field(default_factory=list)
-    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
-    limits: Limits = Field(default_factory=Limits)
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    limits: Limits = Limits()
     default_k: int = Field(4, ge=1)
     upload_workers: int = Field(1, ge=1, le=4, description="Concurrent embedding jobs.")
 
