@@ -85,7 +85,8 @@ class CandidateRequest:
 
     `top_n`: the n labeled examples most similar to the query. `per_label`: additionally the
     `per_label` most similar examples of every label (label-balanced selection). `everything`:
-    all labeled examples of the pool (query-independent selectors such as random).
+    all labeled examples of the pool (query-independent selectors such as random), delivered
+    in pool order rather than best first.
     """
 
     top_n: int
