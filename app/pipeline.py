@@ -1,0 +1,236 @@
+"""From a query to ordered, rendered demonstrations (ARCHITECTURE.md, steps 2-6).
+
+embed (LRU cache first) -> retrieve candidates from the pool's active snapshot -> select ->
+order -> load the rows -> render. The CPU-bound part runs in one worker thread hop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.errors import Conflict, InvalidRequest, NotFound
+from app.settings import Limits
+from app.snapshot import PoolSnapshot
+from app.store import ExampleRow, PoolSettings, PoolStore
+from app.templates import Demo, Template, render_chat, render_chat_demos, render_text
+from retrievers.base import Embedder
+from selection.base import Candidates, SelectionContext
+from selection.ordering import OrderName, build_orderer
+from selection.specs import SelectorSpec
+
+POOL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class SelectParams(BaseModel):
+    """Selection fields shared by `/select` and the `icl` object of completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int | None = Field(None, ge=0, description="Number of demonstrations (pool default).")
+    selector: SelectorSpec | None = Field(None, description="Selection strategy (pool default).")
+    order: OrderName | None = Field(None, description="Prompt order (pool default).")
+    subset: str | None = Field(None, description="Restrict candidates to a named subset.")
+    seed: int | None = Field(
+        None, description="Seed for random strategies; default derived from the request."
+    )
+    template: Template | None = Field(None, description="Overrides of the pool's template.")
+
+
+class SelectRequest(SelectParams):
+    query: str = Field(min_length=1, description="The text to find demonstrations for.")
+    mode: Literal["chat", "text"] = "chat"
+
+
+class IclSpec(SelectParams):
+    pool: str = Field(pattern=POOL_NAME_PATTERN)
+    query: str | None = Field(
+        None, min_length=1, description="Retrieval query; default: the last user message."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    pool: str
+    version: int
+    template: Template
+    demonstrations: list[tuple[ExampleRow, float]]
+    timing_ms: dict[str, float]
+
+    @property
+    def ids(self) -> list[int]:
+        return [row.id for row, _ in self.demonstrations]
+
+    @property
+    def demos(self) -> list[Demo]:
+        return [
+            Demo(input=row.input, output=row.output or "", label=row.label)
+            for row, _ in self.demonstrations
+        ]
+
+    def demonstrations_json(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": row.id,
+                "external_id": row.external_id,
+                "input": row.input,
+                "output": row.output,
+                "label": row.label,
+                "score": round(float(score), 6),
+                "metadata": row.metadata if row.metadata is not None else {},
+            }
+            for row, score in self.demonstrations
+        ]
+
+    def chat_demo_messages(self) -> list[dict[str, str]]:
+        return render_chat_demos(self.template, self.demos)
+
+    def select_response(self, query: str) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "version": self.version,
+            "demonstrations": self.demonstrations_json(),
+            "messages": render_chat(self.template, self.demos, query),
+            "prompt": render_text(self.template, self.demos, query),
+            "timing_ms": self.timing_ms,
+        }
+
+
+def _default_seed(pool: str, version: int, query: str) -> int:
+    # Identical requests get identical prompts, which keeps upstream prompt caches warm.
+    digest = hashlib.blake2b(f"{pool}\0{version}\0{query}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _merge_template(pool_template: Template, override: Template | None) -> Template:
+    if override is None:
+        return pool_template
+    given = override.model_dump(exclude_unset=True)
+    return Template.model_validate({**pool_template.model_dump(), **given})
+
+
+class Pipeline:
+    def __init__(
+        self,
+        store: PoolStore,
+        embedder: Embedder,
+        limits: Limits,
+        default_k: int,
+        observe_stage: Any = None,
+    ) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.limits = limits
+        self.default_k = default_k
+        self._observe = observe_stage
+
+    def _snapshot(self, pool: str) -> PoolSnapshot:
+        snapshot = self.store.snapshot(pool)
+        if snapshot is None:
+            info = self.store.pool_info(pool)
+            job = info.get("active_job")
+            hint = f" (job {job} is publishing it)" if job else ""
+            raise Conflict(
+                f"pool '{pool}' has no published version yet{hint}", code="pool_not_ready"
+            )
+        if snapshot.embedder_name != self.embedder.name:
+            raise Conflict(
+                f"pool '{pool}' was embedded with {snapshot.embedder_name} but the server "
+                f"embeds queries with {self.embedder.name}; re-upload it",
+                code="embedder_mismatch",
+            )
+        return snapshot
+
+    def _resolve(
+        self, settings: PoolSettings, params: SelectParams
+    ) -> tuple[SelectorSpec, OrderName, int]:
+        spec = params.selector if params.selector is not None else settings.selector
+        order = params.order if params.order is not None else settings.order
+        k = params.k if params.k is not None else (settings.k or self.default_k)
+        if k > self.limits.max_k:
+            raise InvalidRequest(
+                f"k={k} is more than the limit of {self.limits.max_k}",
+                param="k",
+                code="k_too_large",
+            )
+        if params.subset is not None:
+            raise NotFound(
+                f"subset '{params.subset}' does not exist in this pool",
+                param="subset",
+                code="subset_not_found",
+            )
+        return spec, order, k
+
+    def _choose(
+        self,
+        snapshot: PoolSnapshot,
+        query: str,
+        spec: SelectorSpec,
+        order: OrderName,
+        k: int,
+        seed: int | None,
+    ) -> tuple[Candidates, dict[str, float]]:
+        t0 = time.perf_counter()
+        vector: NDArray[np.float32] = self.embedder.embed([query])[0]
+        t1 = time.perf_counter()
+        request = spec.candidate_request(k)
+        if request.top_n > self.limits.max_fetch_k:
+            raise InvalidRequest(
+                f"the selector would fetch {request.top_n} candidates, more than the limit "
+                f"of {self.limits.max_fetch_k}",
+                param="selector",
+            )
+        candidates = snapshot.retrieve(vector, request)
+        t2 = time.perf_counter()
+        if seed is None:
+            seed = _default_seed(snapshot.pool, snapshot.version, query)
+        ctx = SelectionContext(
+            pool=snapshot.pool,
+            pool_version=snapshot.version,
+            rng=np.random.default_rng(seed),
+            label_names=snapshot.label_names,
+        )
+        chosen = spec.build(snapshot.label_names).select(vector, candidates, k, ctx)
+        ordered = build_orderer(order).order(vector, chosen, ctx)
+        t3 = time.perf_counter()
+        return ordered, {
+            "embed": (t1 - t0) * 1e3,
+            "search": (t2 - t1) * 1e3,
+            "select": (t3 - t2) * 1e3,
+        }
+
+    def select_sync(self, pool: str, query: str, params: SelectParams) -> Selection:
+        started = time.perf_counter()
+        settings = self.store.settings_of(pool)
+        spec, order, k = self._resolve(settings, params)
+        template = _merge_template(settings.template, params.template)
+        snapshot = self._snapshot(pool)
+        if k == 0:
+            ordered, timing = (
+                Candidates.empty(snapshot.dim),
+                {"embed": 0.0, "search": 0.0, "select": 0.0},
+            )
+        else:
+            ordered, timing = self._choose(snapshot, query, spec, order, k, params.seed)
+        rows = self.store.examples_by_id(pool, snapshot.version, [int(i) for i in ordered.ids])
+        timing["total"] = (time.perf_counter() - started) * 1e3
+        if self._observe is not None:
+            for stage, ms in timing.items():
+                self._observe(stage, ms / 1e3)
+        return Selection(
+            pool=pool,
+            version=snapshot.version,
+            template=template,
+            demonstrations=list(zip(rows, (float(s) for s in ordered.scores), strict=True)),
+            timing_ms={name: round(ms, 3) for name, ms in timing.items()},
+        )
+
+    async def select(self, pool: str, query: str, params: SelectParams) -> Selection:
+        return await anyio.to_thread.run_sync(self.select_sync, pool, query, params)
