@@ -1,0 +1,514 @@
+"""The `iclserve` CLI against a tiny fake HTTP server that records what it receives."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import cli
+
+KEY = "sk-test-secret-7f3a"
+
+Reply = tuple[int, Any] | tuple[int, Any, dict[str, str]]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class FakeServer:
+    """Routes map (METHOD, path-with-query) to a reply or a list of replies served in turn
+    (the last one repeats), so a job can move from queued to running to succeeded."""
+
+    url: str
+    routes: dict[tuple[str, str], Reply | list[Reply]] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+
+    def reply(self, method: str, path: str) -> Reply:
+        route = self.routes.get((method, path))
+        if route is None:
+            return 404, {"error": {"message": f"no route {path}", "type": "not_found_error"}}
+        if isinstance(route, list):
+            return route.pop(0) if len(route) > 1 else route[0]
+        return route
+
+    def seen(self, method: str, prefix: str) -> list[Recorded]:
+        return [r for r in self.requests if r.method == method and r.path.startswith(prefix)]
+
+
+def _handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            server.requests.append(
+                Recorded(self.command, self.path, dict(self.headers.items()), body)
+            )
+            status, payload, *rest = server.reply(self.command, self.path)
+            raw = json.dumps(payload).encode() if payload is not None else b""
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            for name, value in (rest[0] if rest else {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(raw)
+
+        do_GET = do_POST = do_DELETE = do_PUT = _handle
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    fake = FakeServer(url="")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield fake
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ICLSERVE_URL", "ICLSERVE_API_KEY", "http_proxy", "HTTP_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    # Keep polling fast; the real intervals are 0.25-0.5 s.
+    monkeypatch.setattr(cli, "POLL_MIN_S", 0.01)
+    monkeypatch.setattr(cli, "POLL_MAX_S", 0.02)
+
+
+def run(server: FakeServer, *argv: str) -> int:
+    return cli.main(["--url", server.url, "--key", KEY, *argv])
+
+
+def job(status: str, done: int = 0, total: int = 0, error: str | None = None) -> dict[str, Any]:
+    return {
+        "id": "j1",
+        "kind": "upload",
+        "pool": "sst2",
+        "status": status,
+        "done": done,
+        "total": total,
+        "progress": done / total if total else 0.0,
+        "error": error,
+        "result": None,
+        "created_at": "2025-01-01T00:00:00Z",
+        "finished_at": None,
+    }
+
+
+POOL = {
+    "name": "sst2",
+    "version": 3,
+    "size": 4,
+    "labeled": 3,
+    "labels": {"positive": 2, "negative": 1},
+    "embedder": {"name": "all-MiniLM-L6-v2", "dim": 384},
+    "index": "flat",
+    "created_at": "2025-01-01T00:00:00Z",
+    "updated_at": "2025-01-01T00:00:00Z",
+    "status": "ready",
+    "active_job": None,
+}
+
+ROWS = b'{"input": "a delight", "output": "positive"}\n{"input": "dull", "output": "negative"}\n'
+
+
+@pytest.fixture
+def rows_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(ROWS)
+    return path
+
+
+def test_upload_polls_job_to_success_and_prints_summary(
+    server: FakeServer, rows_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/examples?mode=replace")] = (202, {"job": job("queued")})
+    server.routes[("GET", "/v1/jobs/j1")] = [
+        (200, job("queued")),
+        (200, job("running", 1, 2)),
+        (200, job("succeeded", 2, 2)),
+    ]
+    server.routes[("GET", "/v1/pools/sst2")] = (200, POOL)
+
+    assert run(server, "pools", "upload", "sst2", str(rows_file), "--mode", "replace") == 0
+
+    (upload,) = server.seen("POST", "/v1/pools/sst2/examples")
+    assert upload.path == "/v1/pools/sst2/examples?mode=replace"
+    assert upload.headers["Content-Type"] == "application/x-ndjson"
+    assert upload.headers["Content-Length"] == str(len(ROWS))
+    assert upload.body == ROWS
+    assert upload.headers["Authorization"] == f"Bearer {KEY}"
+    assert len(server.seen("GET", "/v1/jobs/j1")) == 3
+    out, err = capsys.readouterr()
+    assert "embedding sst2" in err  # the tqdm bar, on stderr
+    assert "2/2" in err
+    for expected in (
+        "sst2",
+        "version   3",
+        "labeled   3",
+        "positive=2, negative=1",
+        "all-MiniLM-L6-v2 (dim 384)",
+        "ready",
+    ):
+        assert expected in out
+    assert KEY not in out + err
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "expected"),
+    [
+        ("rows.csv", None, "text/csv"),
+        ("rows.json", None, "application/json"),
+        ("rows.ndjson", None, "application/x-ndjson"),
+        ("rows.txt", "csv", "text/csv"),
+    ],
+)
+def test_upload_content_type_from_extension_or_format(
+    server: FakeServer, tmp_path: Path, name: str, fmt: str | None, expected: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"input,output\nx,y\n")
+    server.routes[("POST", "/v1/pools/p/examples?mode=append")] = (202, {"job": job("queued")})
+    extra = ["--format", fmt] if fmt else []
+    assert run(server, "pools", "upload", "p", str(path), "--no-wait", *extra) == 0
+    (upload,) = server.requests
+    assert upload.headers["Content-Type"] == expected
+
+
+def test_upload_unknown_extension_is_a_usage_error(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "rows.txt"
+    path.write_text("x")
+    assert run(server, "pools", "upload", "p", str(path)) == 2
+    assert "--format" in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_upload_no_wait_prints_job_id(
+    server: FakeServer, rows_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/examples?mode=append")] = (202, {"job": job("queued")})
+    assert run(server, "pools", "upload", "sst2", str(rows_file), "--no-wait") == 0
+    assert capsys.readouterr().out.strip() == "j1"
+    assert server.seen("GET", "/v1/jobs") == []
+
+
+def test_upload_failed_job_exits_1_with_its_error(
+    server: FakeServer, rows_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/examples?mode=append")] = (202, {"job": job("queued")})
+    server.routes[("GET", "/v1/jobs/j1")] = [
+        (200, job("running", 1, 2)),
+        (200, job("failed", 1, 2, error="embedder crashed on row 2")),
+    ]
+    assert run(server, "pools", "upload", "sst2", str(rows_file), "--no-progress") == 1
+    out, err = capsys.readouterr()
+    assert "job j1 failed: embedder crashed on row 2" in err
+    assert out == ""
+    assert server.seen("GET", "/v1/pools/sst2") == []
+
+
+def test_upload_polling_rides_out_a_503(
+    server: FakeServer, rows_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/examples?mode=append")] = (202, {"job": job("queued")})
+    unavailable = {"error": {"message": "not ready", "type": "service_unavailable"}}
+    server.routes[("GET", "/v1/jobs/j1")] = [(503, unavailable), (200, job("succeeded", 2, 2))]
+    server.routes[("GET", "/v1/pools/sst2")] = (200, POOL)
+    assert run(server, "pools", "upload", "sst2", str(rows_file), "--no-progress") == 0
+
+
+def test_upload_wait_timeout_says_the_job_keeps_running(
+    server: FakeServer, rows_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/examples?mode=append")] = (202, {"job": job("queued")})
+    server.routes[("GET", "/v1/jobs/j1")] = (200, job("running", 1, 2))
+    argv = ["pools", "upload", "sst2", str(rows_file), "--wait-timeout", "0.1", "--no-progress"]
+    assert run(server, *argv) == 1
+    err = capsys.readouterr().err
+    assert "job j1 keeps running on the server" in err
+
+
+def test_ctrl_c_while_waiting_reports_the_job_id(
+    server: FakeServer,
+    rows_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/examples?mode=append")] = (202, {"job": job("queued")})
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", interrupt)
+    assert run(server, "pools", "upload", "sst2", str(rows_file), "--no-progress") == 130
+    err = capsys.readouterr().err
+    assert "job j1 keeps running on the server" in err
+    assert "iclserve jobs show j1" in err
+
+
+def test_422_prints_the_bad_rows(
+    server: FakeServer, rows_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = {
+        "message": "35 rows are invalid; nothing was stored",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_rows",
+        "rows": [
+            {"line": 3, "reason": "input is required"},
+            {"line": 7, "reason": "id 'a1' repeats line 2"},
+        ],
+        "bad_rows": 35,
+    }
+    server.routes[("POST", "/v1/pools/sst2/examples?mode=append")] = (422, {"error": error})
+    assert run(server, "pools", "upload", "sst2", str(rows_file)) == 1
+    out, err = capsys.readouterr()
+    assert "error (422): 35 rows are invalid; nothing was stored" in err
+    assert "  line 3: input is required" in err
+    assert "  line 7: id 'a1' repeats line 2" in err
+    assert "35 bad rows in all, the first 2 shown" in err
+    assert out == ""
+
+
+SELECTED = {
+    "pool": "sst2",
+    "version": 3,
+    "demonstrations": [
+        {
+            "id": 17,
+            "external_id": "a1",
+            "input": "a quiet, moving film " * 10,
+            "output": "positive",
+            "label": "positive",
+            "score": 0.61234,
+            "metadata": {},
+        },
+        {
+            "id": 4,
+            "external_id": None,
+            "input": "the film was a\ndelight",
+            "output": "positive",
+            "label": "positive",
+            "score": 0.8,
+            "metadata": {},
+        },
+    ],
+    "messages": [],
+    "prompt": "",
+    "timing_ms": {"total": 2.04},
+}
+
+
+def test_select_sends_only_given_fields_and_prints_demonstrations(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/select")] = (200, SELECTED)
+    argv = ["select", "sst2", "the film was a delight", "-k", "2", "--method", "mmr", "--seed", "5"]
+    assert run(server, *argv) == 0
+    (request,) = server.requests
+    assert request.headers["Content-Type"] == "application/json"
+    assert json.loads(request.body) == {
+        "query": "the film was a delight",
+        "k": 2,
+        "selector": {"method": "mmr"},
+        "seed": 5,
+    }
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "pool sst2 version 3, 2 demonstrations, 2.0 ms"
+    assert lines[1].split() == ["#", "id", "external_id", "score", "label", "input"]
+    first, second = lines[2], lines[3]
+    assert first.split()[:5] == ["1", "17", "a1", "0.612", "positive"]
+    assert first.endswith("...") and len(first.split("positive", 1)[1].strip()) == 80
+    assert second.split()[:5] == ["2", "4", "-", "0.800", "positive"]
+    assert second.endswith("the film was a delight")
+
+
+def test_select_defaults_send_query_only_and_options_may_follow_the_command(
+    server: FakeServer,
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/select")] = (200, SELECTED)
+    argv = ["select", "sst2", "hello", "--order", "nearest_first", "--url", server.url]
+    assert cli.main(["--key", KEY, *argv]) == 0
+    assert json.loads(server.requests[0].body) == {"query": "hello", "order": "nearest_first"}
+    assert server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
+
+
+def test_select_json_prints_the_raw_response(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/select")] = (200, SELECTED)
+    assert run(server, "select", "sst2", "hello", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == SELECTED
+
+
+def test_connection_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    assert cli.main(["--url", url, "--key", KEY, "pools", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"cannot reach iclserve at {url}: ")
+    assert "refused" in err.lower()
+    assert KEY not in err
+
+
+def test_key_from_env_is_sent_and_never_printed(
+    server: FakeServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ICLSERVE_API_KEY", KEY)
+    monkeypatch.setenv("ICLSERVE_URL", server.url)
+    server.routes[("GET", "/v1/pools")] = (
+        401,
+        {"error": {"message": "invalid API key", "type": "authentication_error"}},
+    )
+    assert cli.main(["pools", "list"]) == 1
+    assert server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
+    out, err = capsys.readouterr()
+    assert "error (401): invalid API key" in err
+    assert KEY not in out + err
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert KEY not in capsys.readouterr().out
+
+
+def test_bad_key_is_refused_without_echoing_it(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--url", server.url, "--key", "sk-bad\nkey", "pools", "list"]) == 2
+    assert "sk-bad" not in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_pools_list_show_delete_and_jobs(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("GET", "/v1/pools")] = (
+        200,
+        {"object": "list", "data": [POOL, {**POOL, "name": "agnews"}]},
+    )
+    server.routes[("GET", "/v1/pools/sst2")] = (200, POOL)
+    server.routes[("DELETE", "/v1/pools/sst2")] = (200, {"deleted": True})
+    server.routes[("GET", "/v1/jobs?pool=sst2")] = (
+        200,
+        {"object": "list", "data": [job("running", 1, 4)]},
+    )
+    server.routes[("GET", "/v1/jobs/j1")] = (200, job("running", 1, 4))
+
+    assert run(server, "pools", "list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "version", "size", "labeled", "status"]
+    assert lines[1].split() == ["sst2", "3", "4", "3", "ready"]
+    assert lines[2].split()[0] == "agnews"
+
+    assert run(server, "pools", "show", "sst2") == 0
+    out = capsys.readouterr().out
+    assert "index" in out and "flat" in out and "positive=2" in out
+
+    assert run(server, "pools", "delete", "sst2", "--yes") == 0
+    assert server.seen("DELETE", "/v1/pools/sst2")
+    assert "deleted pool sst2" in capsys.readouterr().out
+
+    assert run(server, "jobs", "list", "--pool", "sst2") == 0
+    assert "1/4 (25%)" in capsys.readouterr().out
+
+    assert run(server, "jobs", "show", "j1", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "running"
+
+
+def test_pool_name_is_quoted_into_one_path_segment(server: FakeServer) -> None:
+    assert run(server, "pools", "show", "a/../b?x") == 1
+    assert server.requests[0].path == "/v1/pools/a%2F..%2Fb%3Fx"
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("iclserve ")
+
+
+@pytest.fixture
+def fake_server_module(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Any]:
+    served: list[Any] = []
+    module = types.ModuleType("app.server")
+    serve: Callable[[Any], None] = served.append
+    module.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "app.server", module)
+    # No .env from the developer's checkout, no keys from their shell.
+    monkeypatch.chdir(tmp_path)
+    for name in (
+        "ICLSERVE_HOST",
+        "ICLSERVE_PORT",
+        "ICLSERVE_DATA_DIR",
+        "ICLSERVE_ADMIN_KEYS",
+        "ICLSERVE_CLIENT_KEYS",
+        "ICLSERVE_ADMIN_KEYS_FILE",
+        "ICLSERVE_CLIENT_KEYS_FILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    return served
+
+
+def test_serve_applies_flags_over_settings(fake_server_module: list[Any], tmp_path: Path) -> None:
+    argv = ["serve", "--port", "9123", "--data-dir", str(tmp_path / "d")]
+    assert cli.main(argv) == 0
+    (settings,) = fake_server_module
+    assert settings.port == 9123
+    assert settings.data_dir == tmp_path / "d"
+    assert settings.host == "127.0.0.1"
+
+
+def test_serve_refuses_invalid_settings(
+    fake_server_module: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "refusing to listen on 0.0.0.0" in capsys.readouterr().err
+    assert cli.main(["serve", "--port", "70000"]) == 2
+    assert "ICLSERVE_PORT" in capsys.readouterr().err
+    assert fake_server_module == []
+
+
+def test_import_stays_light() -> None:
+    code = (
+        "import sys, app.cli\n"
+        "heavy = ('pydantic', 'fastapi', 'torch', 'sentence_transformers', 'tqdm', 'httpx')\n"
+        "print([m for m in heavy if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.stdout.strip() == "[]"
