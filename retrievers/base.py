@@ -18,8 +18,11 @@ class Embedder(Protocol):
     be safe to call from one thread at a time at least (callers serialise if needed).
     """
 
-    name: str
-    dim: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
 
     def embed(self, texts: Sequence[str]) -> NDArray[np.float32]: ...
 

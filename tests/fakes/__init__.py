@@ -1,0 +1,1 @@
+"""Test doubles shared by the unit, API and end-to-end tests."""
