@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 
 from app.deps import ClientAuth, ServicesDep
 from app.errors import InvalidRequest
@@ -106,7 +107,13 @@ async def _forward(
         headers[DEMOS_HEADER] = ",".join(str(i) for i in selection.ids)
     if body.get("stream"):
         stream = await services.upstream.open_stream(path, body)
-        return StreamingResponse(_relay(stream), media_type="text/event-stream", headers=headers)
+        # The background close covers a client that leaves before the first chunk is relayed.
+        return StreamingResponse(
+            _relay(stream),
+            media_type="text/event-stream",
+            headers=headers,
+            background=BackgroundTask(stream.aclose),
+        )
     result = await services.upstream.complete(path, body)
     if selection is not None:
         result["icl"] = {
