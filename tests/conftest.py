@@ -13,11 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from app.main import create_app  # noqa: E402
-from app.settings import EmbeddingSettings, Settings, Upstream  # noqa: E402
-from tests.fakes.upstream import FakeUpstream  # noqa: E402
+from app.main import create_app
+from app.settings import EmbeddingSettings, Settings, Upstream
+from tests.fakes.upstream import FakeUpstream
 
 ADMIN_KEY = "sk-admin-canary-7f3a9c"
 CLIENT_KEY = "sk-client-canary-41d2e8"
@@ -68,7 +68,9 @@ def client(settings: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def wait_job(client: TestClient, job_id: str, timeout: float = 60.0, **kwargs: Any) -> dict[str, Any]:
+def wait_job(
+    client: TestClient, job_id: str, timeout: float = 60.0, **kwargs: Any
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", **kwargs).json()

@@ -35,9 +35,7 @@ def keyed(tmp_path: Path, upstream: FakeUpstream) -> Iterator[tuple[TestClient, 
     app = create_app(settings)
     with TestClient(app) as client:
         client.operations = [  # type: ignore[attr-defined]
-            (method.upper(), path)
-            for path, ops in app.openapi()["paths"].items()
-            for method in ops
+            (method.upper(), path) for path, ops in app.openapi()["paths"].items() for method in ops
         ]
         yield client, settings
 
@@ -85,13 +83,19 @@ def test_every_route_is_in_the_matrix(keyed: tuple[TestClient, Settings]) -> Non
                 assert key not in r.text
 
 
-def test_keys_never_leak(keyed: tuple[TestClient, Settings], caplog: pytest.LogCaptureFixture) -> None:
+def test_keys_never_leak(
+    keyed: tuple[TestClient, Settings], caplog: pytest.LogCaptureFixture
+) -> None:
     client, _ = keyed
     admin = {"authorization": f"Bearer {ADMIN_KEY}"}
-    texts = [client.get("/openapi.json").text, client.get("/metrics").text,
-             client.get("/v1/pools/none", headers=admin).text,
-             client.post("/v1/chat/completions", headers={"authorization": "Bearer " + ADMIN_KEY[:-1]},
-                         json={}).text]
+    texts = [
+        client.get("/openapi.json").text,
+        client.get("/metrics").text,
+        client.get("/v1/pools/none", headers=admin).text,
+        client.post(
+            "/v1/chat/completions", headers={"authorization": "Bearer " + ADMIN_KEY[:-1]}, json={}
+        ).text,
+    ]
     for text in [*texts, caplog.text]:
         assert ADMIN_KEY not in text and CLIENT_KEY not in text
 
@@ -100,8 +104,9 @@ def test_settings_refuse_public_bind_without_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no keys"):
         Settings(_env_file=None, data_dir=tmp_path, host="0.0.0.0").check_bind()
     Settings(_env_file=None, data_dir=tmp_path, host="127.0.0.1").check_bind()
-    Settings(_env_file=None, data_dir=tmp_path, host="0.0.0.0",
-             admin_keys=[SecretStr("k")]).check_bind()
+    Settings(
+        _env_file=None, data_dir=tmp_path, host="0.0.0.0", admin_keys=[SecretStr("k")]
+    ).check_bind()
 
 
 def test_key_files(tmp_path: Path) -> None:

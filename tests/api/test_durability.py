@@ -33,7 +33,9 @@ def test_restart_keeps_pool_version_and_selection(tmp_path: Path, upstream: Fake
         after = client.get("/v1/pools/p").json()
         again = client.post("/v1/pools/p/select", json=query).json()
     assert (after["version"], after["size"], after["labels"]) == (
-        before["version"], before["size"], before["labels"]
+        before["version"],
+        before["size"],
+        before["labels"],
     )
     assert again["demonstrations"] == selected["demonstrations"]
 
@@ -90,7 +92,9 @@ CRASHER = textwrap.dedent(
 
 @pytest.mark.parametrize("point", PUBLISH_POINTS)
 @pytest.mark.parametrize("mode", ["append", "replace"])
-def test_crash_at_each_publish_step(tmp_path: Path, upstream: FakeUpstream, point: str, mode: str) -> None:
+def test_crash_at_each_publish_step(
+    tmp_path: Path, upstream: FakeUpstream, point: str, mode: str
+) -> None:
     settings = make_settings(tmp_path / "data", upstream)
     old_rows, new_rows = topic_rows(60)[:30], topic_rows(60)[30:]
     with TestClient(create_app(settings)) as client:
@@ -99,7 +103,10 @@ def test_crash_at_each_publish_step(tmp_path: Path, upstream: FakeUpstream, poin
     env = {**os.environ, "ICLSERVE_FAULT_AT": point}
     proc = subprocess.run(
         [sys.executable, "-c", CRASHER, str(settings.data_dir), str(new_file), mode],
-        env=env, capture_output=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 137, proc.stderr.decode()[-2000:]
 
@@ -110,7 +117,9 @@ def test_crash_at_each_publish_step(tmp_path: Path, upstream: FakeUpstream, poin
             if job["status"] in ("queued", "running"):
                 wait_job(client, job["id"])
         pool = client.get("/v1/pools/p").json()
-        inputs = [e["input"] for e in client.get("/v1/pools/p/examples?limit=1000").json()["examples"]]
+        inputs = [
+            e["input"] for e in client.get("/v1/pools/p/examples?limit=1000").json()["examples"]
+        ]
         if point == "upload_staged":  # died before the 202: the upload never happened
             expected_rows = old_rows
         else:
@@ -120,7 +129,9 @@ def test_crash_at_each_publish_step(tmp_path: Path, upstream: FakeUpstream, poin
         assert pool["size"] == len(expected_new)
         select = client.post("/v1/pools/p/select", json={"query": "rain", "k": 3})
         assert select.status_code == 200
-    leftovers = [p.name for p in (settings.data_dir / "vectors").rglob("*") if p.name.endswith(".tmp")]
+    leftovers = [
+        p.name for p in (settings.data_dir / "vectors").rglob("*") if p.name.endswith(".tmp")
+    ]
     assert leftovers == []
     npys = list((settings.data_dir / "vectors").rglob("*.npy"))
     assert 1 <= len(npys) <= 2

@@ -22,8 +22,10 @@ def test_chat_injects_selected_demonstrations(client: TestClient, upstream: Fake
     selected = client.post("/v1/pools/topics/select", json={"query": query, "k": 4}).json()
     body = {
         "model": "fake-model",
-        "messages": [{"role": "system", "content": "Answer with a topic."},
-                     {"role": "user", "content": query}],
+        "messages": [
+            {"role": "system", "content": "Answer with a topic."},
+            {"role": "user", "content": query},
+        ],
         "temperature": 0,
         "icl": icl,
     }
@@ -39,15 +41,21 @@ def test_chat_injects_selected_demonstrations(client: TestClient, upstream: Fake
     assert "icl" not in sent and sent["temperature"] == 0
     expected = [{"role": "system", "content": "Answer with a topic."}]
     for demo in selected["demonstrations"]:
-        expected += [{"role": "user", "content": demo["input"]},
-                     {"role": "assistant", "content": demo["output"]}]
+        expected += [
+            {"role": "user", "content": demo["input"]},
+            {"role": "assistant", "content": demo["output"]},
+        ]
     expected.append({"role": "user", "content": query})
     assert sent["messages"] == expected
 
 
 def test_passthrough_without_icl_is_unchanged(client: TestClient, upstream: FakeUpstream) -> None:
-    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "n": 1,
-            "custom_field": {"x": [1, 2]}}
+    body = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "n": 1,
+        "custom_field": {"x": [1, 2]},
+    }
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200 and "icl" not in r.json()
     assert upstream.requests[-1].body == body
@@ -56,9 +64,12 @@ def test_passthrough_without_icl_is_unchanged(client: TestClient, upstream: Fake
 
 def test_streaming_passes_sse_through(client: TestClient, upstream: FakeUpstream) -> None:
     _pool(client)
-    body = {"model": "fake-model", "stream": True,
-            "messages": [{"role": "user", "content": "the central bank raised interest rates"}],
-            "icl": {"pool": "topics", "k": 3}}
+    body = {
+        "model": "fake-model",
+        "stream": True,
+        "messages": [{"role": "user", "content": "the central bank raised interest rates"}],
+        "icl": {"pool": "topics", "k": 3},
+    }
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -67,7 +78,8 @@ def test_streaming_passes_sse_through(client: TestClient, upstream: FakeUpstream
     events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     content = "".join(
-        (json.loads(e)["choices"][0]["delta"].get("content") or "") for e in events[:-1]
+        (json.loads(e)["choices"][0]["delta"].get("content") or "")
+        for e in events[:-1]
         if json.loads(e).get("choices")
     )
     assert content.strip() == "finance"
@@ -76,7 +88,12 @@ def test_streaming_passes_sse_through(client: TestClient, upstream: FakeUpstream
 def test_completions_text_mode(client: TestClient, upstream: FakeUpstream) -> None:
     _pool(client)
     query = "heavy rain flooded the harbour"
-    body = {"model": "fake-model", "prompt": query, "max_tokens": 5, "icl": {"pool": "topics", "k": 3}}
+    body = {
+        "model": "fake-model",
+        "prompt": query,
+        "max_tokens": 5,
+        "icl": {"pool": "topics", "k": 3},
+    }
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"].strip() == "weather"
@@ -84,7 +101,11 @@ def test_completions_text_mode(client: TestClient, upstream: FakeUpstream) -> No
     assert prompt.endswith(f"Input: {query}\nOutput:") and prompt.count("Input: ") == 4
 
     formatted = "Input: heavy rain flooded the harbour\nOutput:"
-    body = {"model": "fake-model", "prompt": formatted, "icl": {"pool": "topics", "k": 2, "query": query}}
+    body = {
+        "model": "fake-model",
+        "prompt": formatted,
+        "icl": {"pool": "topics", "k": 2, "query": query},
+    }
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200
     assert upstream.requests[-1].body["prompt"].endswith("\n\n" + formatted)
@@ -97,13 +118,27 @@ def test_models_and_routing_errors(client: TestClient, upstream: FakeUpstream) -
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     r = client.post("/v1/chat/completions", json={"messages": []})
     assert r.status_code == 400
-    r = client.post("/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400
-    r = client.post("/v1/chat/completions", json={"model": "fake-model", "icl": {"pool": "nope"},
-                                                 "messages": [{"role": "user", "content": "x"}]})
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "fake-model",
+            "icl": {"pool": "nope"},
+            "messages": [{"role": "user", "content": "x"}],
+        },
+    )
     assert r.status_code == 404
-    r = client.post("/v1/chat/completions", json={"model": "fake-model", "icl": {"pool": "x", "k": "many"},
-                                                 "messages": [{"role": "user", "content": "x"}]})
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "fake-model",
+            "icl": {"pool": "x", "k": "many"},
+            "messages": [{"role": "user", "content": "x"}],
+        },
+    )
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("icl")
 
 

@@ -23,7 +23,11 @@ def test_upload_publishes_a_version_with_progress(client: TestClient) -> None:
     assert pool["name"] == "topics" and pool["version"] == 1 and pool["status"] == "ready"
     assert pool["size"] == 120 and pool["labeled"] == 108
     assert sum(pool["labels"].values()) == 108 and set(pool["labels"]) == {
-        "sports", "finance", "weather", "cooking", "technology"
+        "sports",
+        "finance",
+        "weather",
+        "cooking",
+        "technology",
     }
     assert pool["embedder"] == {"name": "hash-64", "dim": 64}
     assert pool["active_job"] is None and pool["index"]
@@ -33,7 +37,9 @@ def test_upload_publishes_a_version_with_progress(client: TestClient) -> None:
 
 def test_formats_csv_json_and_multipart(client: TestClient) -> None:
     csv_body = "id,input,output,source\na1,the striker scored,sports,feed\na2,rates rose,finance,\n"
-    r = client.post("/v1/pools/csvpool/examples", content=csv_body, headers={"content-type": "text/csv"})
+    r = client.post(
+        "/v1/pools/csvpool/examples", content=csv_body, headers={"content-type": "text/csv"}
+    )
     assert r.status_code == 202, r.text
     assert wait_job(client, r.json()["job"]["id"])["status"] == "succeeded"
     page = client.get("/v1/pools/csvpool/examples").json()
@@ -61,7 +67,9 @@ def test_bad_upload_is_rejected_whole_and_version_unchanged(client: TestClient) 
     upload(client, "p", topic_rows(10))
     before = client.get("/v1/pools/p").json()
     body = b'{"input": "fine", "output": "x"}\n{not json}\n{"output": "no input"}\n{"input": 5}\n'
-    r = client.post("/v1/pools/p/examples", content=body, headers={"content-type": "application/x-ndjson"})
+    r = client.post(
+        "/v1/pools/p/examples", content=body, headers={"content-type": "application/x-ndjson"}
+    )
     assert r.status_code == 422
     error = r.json()["error"]
     lines = {row["line"]: row["reason"] for row in error["rows"]}
@@ -116,8 +124,12 @@ def test_annotation_publishes_without_reembedding(client: TestClient, settings: 
     before = client.get("/v1/pools/p").json()
     files_before = sorted((settings.data_dir / "vectors").rglob("*.npy"))
     todo = client.get("/v1/pools/p/examples?labeled=false").json()["examples"]
-    patch = {"examples": [{"id": todo[0]["id"], "output": "weather"},
-                          {"id": todo[1]["external_id"], "output": "sports", "label": "custom"}]}
+    patch = {
+        "examples": [
+            {"id": todo[0]["id"], "output": "weather"},
+            {"id": todo[1]["external_id"], "output": "sports", "label": "custom"},
+        ]
+    }
     r = client.patch("/v1/pools/p/examples", json=patch)
     assert r.status_code == 200, r.text
     assert r.json()["version"] == before["version"] + 1
@@ -142,8 +154,15 @@ def test_delete_pool_removes_files(client: TestClient, settings: Settings) -> No
 
 
 def test_put_pool_settings(client: TestClient) -> None:
-    r = client.put("/v1/pools/cfg", json={"description": "d", "k": 3, "order": "nearest_first",
-                                           "selector": {"method": "mmr", "lambda": 0.3}})
+    r = client.put(
+        "/v1/pools/cfg",
+        json={
+            "description": "d",
+            "k": 3,
+            "order": "nearest_first",
+            "selector": {"method": "mmr", "lambda": 0.3},
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["k"] == 3 and body["selector"] == {"method": "mmr", "lambda": 0.3, "fetch_k": None}
@@ -157,18 +176,25 @@ def test_put_pool_settings(client: TestClient) -> None:
 
 def test_limits(tmp_path: Path, upstream: object) -> None:
     settings = make_settings(
-        tmp_path, upstream,  # type: ignore[arg-type]
+        tmp_path,
+        upstream,  # type: ignore[arg-type]
         limits=Limits(max_body_bytes=2048, max_rows_per_upload=5, max_field_chars=50, max_k=3),
     )
     with TestClient(create_app_for(settings)) as client:
         big = b'{"input": "' + b"x" * 4000 + b'"}\n'
-        r = client.post("/v1/pools/p/examples", content=big, headers={"content-type": "application/x-ndjson"})
+        r = client.post(
+            "/v1/pools/p/examples", content=big, headers={"content-type": "application/x-ndjson"}
+        )
         assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
         rows = "".join(json.dumps({"input": f"r{i}", "output": "x"}) + "\n" for i in range(6))
-        r = client.post("/v1/pools/p/examples", content=rows, headers={"content-type": "application/x-ndjson"})
+        r = client.post(
+            "/v1/pools/p/examples", content=rows, headers={"content-type": "application/x-ndjson"}
+        )
         assert r.status_code == 422
         long = json.dumps({"input": "y" * 60}) + "\n"
-        r = client.post("/v1/pools/p/examples", content=long, headers={"content-type": "application/x-ndjson"})
+        r = client.post(
+            "/v1/pools/p/examples", content=long, headers={"content-type": "application/x-ndjson"}
+        )
         assert r.status_code == 422 and "50" in r.json()["error"]["rows"][0]["reason"]
         assert client.get("/v1/pools/p").status_code == 404
         upload(client, "p", [{"input": f"row {i}", "output": "x"} for i in range(5)])

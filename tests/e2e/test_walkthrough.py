@@ -61,7 +61,9 @@ class Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [*_iclserve(), "serve"], env=self.env, stdout=self.log.open("ab"),
+            [*_iclserve(), "serve"],
+            env=self.env,
+            stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 180
@@ -92,16 +94,21 @@ class Server:
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         request = urllib.request.Request(
-            self.url + path, data=json.dumps(body).encode(),
-            headers={"content-type": "application/json"}, method="POST",
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+            method="POST",
         )
         with urllib.request.urlopen(request, timeout=60) as r:
             return json.loads(r.read())
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*_iclserve(), "--url", self.url, *args], env=self.env, capture_output=True,
-            text=True, timeout=600,
+            [*_iclserve(), "--url", self.url, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
 
 
@@ -173,19 +180,24 @@ def test_walkthrough(walk: tuple[Server, FakeUpstream, Path]) -> None:
     sent = upstream.requests[-1].body["messages"]
     expected_messages: list[dict[str, str]] = []
     for demo in selected["demonstrations"]:
-        expected_messages += [{"role": "user", "content": demo["input"]},
-                              {"role": "assistant", "content": demo["output"]}]
+        expected_messages += [
+            {"role": "user", "content": demo["input"]},
+            {"role": "assistant", "content": demo["output"]},
+        ]
     assert sent == [*expected_messages, {"role": "user", "content": QUERY}]
 
     stream = sdk.chat.completions.create(
-        model="fake-model", stream=True,
+        model="fake-model",
+        stream=True,
         messages=[{"role": "user", "content": "investors worried about the bond yield"}],
         extra_body={"icl": {"pool": "topics", "k": 3, "selector": {"method": "mmr"}}},
     )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text.strip() == "finance"
     completion = sdk.completions.create(
-        model="fake-model", prompt="thick fog lingered over the airport", max_tokens=4,
+        model="fake-model",
+        prompt="thick fog lingered over the airport",
+        max_tokens=4,
         extra_body={"icl": {"pool": "topics", "k": 4}},
     )
     assert completion.choices[0].text.strip() == "weather"
@@ -199,7 +211,9 @@ def test_walkthrough(walk: tuple[Server, FakeUpstream, Path]) -> None:
     assert again["demonstrations"] == selected["demonstrations"]
 
 
-def test_malformed_uploads_leave_the_version_unchanged(walk: tuple[Server, FakeUpstream, Path]) -> None:
+def test_malformed_uploads_leave_the_version_unchanged(
+    walk: tuple[Server, FakeUpstream, Path],
+) -> None:
     server, _, root = walk
     server.cli("pools", "upload", "small", str(write_jsonl(root / "s.jsonl", topic_rows(20))))
     before = server.get("/v1/pools/small")
