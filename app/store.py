@@ -580,6 +580,25 @@ class PoolStore:
             vectors=vectors,
         )
 
+    def _reuse_vectors(
+        self, conn: sqlite3.Connection, prow: sqlite3.Row, *, of: int, as_version: int
+    ) -> tuple[PoolSnapshot, sqlite3.Row]:
+        """The snapshot of `as_version` over the vector file of version `of` (same members)."""
+        vrow = conn.execute(
+            "SELECT * FROM versions WHERE pool = ? AND version = ?", (prow["name"], of)
+        ).fetchone()
+        snapshot = self._snapshot_from(
+            conn,
+            prow["name"],
+            as_version,
+            vrow["vectors_file"],
+            vrow["sha256"],
+            prow["embedder_name"],
+            int(prow["dim"]),
+            rows=int(vrow["size"]),
+        )
+        return snapshot, vrow
+
     def _swap(self, snapshot: PoolSnapshot) -> None:
         with self._snapshot_guard:
             self._snapshots[snapshot.pool] = snapshot
@@ -600,19 +619,7 @@ class PoolStore:
                 version = int(prow["active_version"])
                 if version == 0:
                     return None
-                vrow = conn.execute(
-                    "SELECT * FROM versions WHERE pool = ? AND version = ?", (pool, version)
-                ).fetchone()
-                snapshot = self._snapshot_from(
-                    conn,
-                    pool,
-                    version,
-                    vrow["vectors_file"],
-                    vrow["sha256"],
-                    prow["embedder_name"],
-                    int(prow["dim"]),
-                    rows=int(vrow["size"]),
-                )
+                snapshot, _ = self._reuse_vectors(conn, prow, of=version, as_version=version)
             self._swap(snapshot)
             return snapshot
 
@@ -699,19 +706,7 @@ class PoolStore:
                         "VALUES (?, ?, ?, ?, ?)",
                         (pool, row.id, new_version, output, label),
                     )
-                vrow = conn.execute(
-                    "SELECT * FROM versions WHERE pool = ? AND version = ?", (pool, version)
-                ).fetchone()
-                snapshot = self._snapshot_from(
-                    conn,
-                    pool,
-                    new_version,
-                    vrow["vectors_file"],
-                    vrow["sha256"],
-                    prow["embedder_name"],
-                    int(prow["dim"]),
-                    rows=int(vrow["size"]),
-                )
+                snapshot, vrow = self._reuse_vectors(conn, prow, of=version, as_version=new_version)
                 self._record_version(
                     conn, snapshot, vrow["vectors_file"], vrow["sha256"], "annotate"
                 )
