@@ -44,6 +44,8 @@ def open_embedder(config: EmbeddingSettings) -> Embedder:
         model=config.model, device=config.device, batch_size=config.batch_size
     )
     local.open()
+    # The first forward pass pays torch's one-off setup; do it here, not in a request.
+    local.embed(["warm-up"])
     log.info("embedder %s loaded (dim %d)", local.name or PACKAGED_MODEL_NAME, local.dim)
     return local
 
