@@ -86,12 +86,14 @@ class CandidateRequest:
     `top_n`: the n labeled examples most similar to the query. `per_label`: additionally the
     `per_label` most similar examples of every label (label-balanced selection). `everything`:
     all labeled examples of the pool (query-independent selectors such as random), delivered
-    in pool order rather than best first.
+    in pool order rather than best first. `fixed`: the labeled members of a named, ordered
+    set that the app resolves from the spec (a subset), delivered in that set's order.
     """
 
     top_n: int
     per_label: int = 0
     everything: bool = False
+    fixed: bool = False
 
 
 class Selector(Protocol):

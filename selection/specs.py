@@ -13,6 +13,7 @@ from typing import Annotated, Any, get_args
 from pydantic import Field, TypeAdapter
 
 from selection.balanced import BalancedSpec
+from selection.fixed import SubsetSpec
 from selection.knn import KnnSpec
 from selection.mmr import MmrSpec
 from selection.random_choice import RandomSpec
@@ -25,11 +26,12 @@ __all__ = [
     "MmrSpec",
     "RandomSpec",
     "SelectorSpec",
+    "SubsetSpec",
     "parse_selector_spec",
 ]
 
 SelectorSpec = Annotated[
-    KnnSpec | MmrSpec | BalancedSpec | RandomSpec,
+    KnnSpec | MmrSpec | BalancedSpec | RandomSpec | SubsetSpec,
     Field(discriminator="method"),
 ]
 """Any selection strategy spec, tagged by `method`; unknown tags fail with the valid list."""

@@ -20,6 +20,15 @@ from .pools import make_ctx, make_pool
 
 SPEC_CLASSES: tuple[Any, ...] = get_args(get_args(SelectorSpec)[0])
 LABEL_NAMES = ("a", "b", "c", "d", "e")
+REQUIRED_FIELDS = {"name": "s1"}
+
+
+def make_spec(spec_cls: Any) -> Any:
+    """A spec with example values for its required fields (e.g. a subset's name)."""
+    required = {
+        f: REQUIRED_FIELDS[f] for f, info in spec_cls.model_fields.items() if info.is_required()
+    }
+    return spec_cls.model_validate(required)
 
 
 def _selection_modules() -> list[Any]:
@@ -41,7 +50,7 @@ def test_registry_covers_every_strategy_module() -> None:
             elif callable(getattr(cls, "select", None)):
                 selectors_found.add(cls)
     assert specs_found == set(SPEC_CLASSES)
-    assert {type(cls().build(LABEL_NAMES)) for cls in SPEC_CLASSES} == selectors_found
+    assert {type(make_spec(cls).build(LABEL_NAMES)) for cls in SPEC_CLASSES} == selectors_found
     methods = [get_args(cls.model_fields["method"].annotation)[0] for cls in SPEC_CLASSES]
     assert tuple(methods) == SELECTOR_METHODS
     assert len(set(methods)) == len(methods)
@@ -50,13 +59,13 @@ def test_registry_covers_every_strategy_module() -> None:
 @pytest.mark.parametrize("spec_cls", SPEC_CLASSES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("seed", range(8))
 def test_selector_contract(spec_cls: Any, seed: int) -> None:
-    spec = spec_cls()
+    spec = make_spec(spec_cls)
     pool = make_pool(seed)
     c = pool.candidates
     pos_of = {int(i): p for p, i in enumerate(c.ids)}
     for k in (0, 1, 3, 7, pool.n, pool.n + 5):
         req = spec.candidate_request(k)
-        assert req.everything or req.top_n >= k
+        assert req.everything or req.fixed or req.top_n >= k
 
         results = []
         for _ in range(2):
@@ -81,5 +90,9 @@ def test_selector_contract(spec_cls: Any, seed: int) -> None:
 
 @pytest.mark.parametrize("spec_cls", SPEC_CLASSES, ids=lambda c: c.__name__)
 def test_selector_contract_on_empty_candidates(spec_cls: Any) -> None:
-    got = spec_cls().build().select(np.zeros(8, np.float32), Candidates.empty(8), 4, make_ctx())
+    got = (
+        make_spec(spec_cls)
+        .build()
+        .select(np.zeros(8, np.float32), Candidates.empty(8), 4, make_ctx())
+    )
     assert len(got) == 0

@@ -27,7 +27,7 @@ ADAPTER: TypeAdapter[SelectorSpec] = TypeAdapter(SelectorSpec)
 
 
 def test_methods() -> None:
-    assert SELECTOR_METHODS == ("knn", "mmr", "balanced", "random")
+    assert SELECTOR_METHODS == ("knn", "mmr", "balanced", "random", "subset")
 
 
 def test_unknown_method_lists_valid_tags() -> None:
@@ -47,7 +47,7 @@ def test_missing_method_rejected() -> None:
 @pytest.mark.parametrize("method", SELECTOR_METHODS)
 def test_unknown_parameter_rejected(method: str) -> None:
     with pytest.raises(ValidationError, match="extra_forbidden"):
-        ADAPTER.validate_python({"method": method, "temperature": 1})
+        ADAPTER.validate_python({"method": method, "name": "s", "temperature": 1})
 
 
 def test_lambda_alias() -> None:
