@@ -3,6 +3,10 @@
     iclserve serve [--host H] [--port P] [--data-dir D]
     iclserve pools upload NAME FILE [--mode append|replace] [--format jsonl|csv|json] [--no-wait]
     iclserve pools list | show NAME | delete NAME [--yes]
+    iclserve pools annotate NAME FILE
+    iclserve subsets create POOL NAME --method M --budget B [--param K=V ...] [--seed S] [--no-wait]
+    iclserve subsets list POOL | show POOL NAME | delete POOL NAME [--yes]
+    iclserve subsets export POOL NAME [--unlabeled] [--output FILE]
     iclserve jobs show ID | list [--pool P]
     iclserve select NAME QUERY [-k K] [--method M] [--order O] [--seed S] [--json]
 
@@ -45,6 +49,7 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 CONTENT_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv", "json": "application/json"}
 EXTENSION_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "json"}
 INPUT_PREVIEW_CHARS = 80
+SUBSET_METHODS = ("votek", "ideal", "mfl", "diversity", "random")
 
 
 class CliError(Exception):
@@ -478,17 +483,34 @@ def cmd_pools_upload(args: argparse.Namespace) -> int:
         fh.close()
 
     job = response.get("job") if isinstance(response, dict) else None
+    code = _follow_job(client, job, args, what="upload", desc=f"embedding {args.name}")
+    if code is not None:
+        return code
+    pool = client.call("GET", _pool_path(args.name))
+    _out(_pool_listing(pool if isinstance(pool, dict) else {}, full=False))
+    return 0
+
+
+def _follow_job(
+    client: Client, job: Any, args: argparse.Namespace, *, what: str, desc: str
+) -> int | None:
+    """Follow a job that a 202 answer started, with a progress bar on stderr.
+
+    Uses args.no_wait, args.wait_timeout and args.no_progress. Returns None once the job has
+    succeeded (the caller prints its summary); otherwise says why on stderr and returns the
+    exit code: 0 for --no-wait (the job id printed on stdout), 1 for a job that failed or was
+    cancelled, a wait that timed out or a lost server, 130 for Ctrl-C.
+    """
     if not isinstance(job, dict) or "id" not in job:
-        raise ApiError(202, "the server accepted the upload but returned no job")
+        raise ApiError(202, f"the server accepted the {what} but returned no job")
     job_id = job["id"]
     if args.no_wait:
-        _err(f"upload accepted: job {job_id} ({job.get('status', 'queued')})")
+        _err(f"{what} accepted: job {job_id} ({job.get('status', 'queued')})")
         _out(str(job_id))
         return 0
-
     try:
         final = _wait_for_job(
-            client, job, wait_timeout=args.wait_timeout, progress=progress, pool=args.name
+            client, job, wait_timeout=args.wait_timeout, progress=not args.no_progress, desc=desc
         )
     except KeyboardInterrupt:
         _err(
@@ -501,7 +523,7 @@ def cmd_pools_upload(args: argparse.Namespace) -> int:
             _report_api_error(exc)
         else:
             _err(str(exc))
-        _err(f"the upload was accepted: job {job_id} may still be running on the server")
+        _err(f"the {what} was accepted: job {job_id} may still be running on the server")
         return 1
     if final is None:
         _err(
@@ -514,9 +536,7 @@ def cmd_pools_upload(args: argparse.Namespace) -> int:
         detail = _error_text(final.get("error")) if final.get("error") else "no error given"
         _err(f"job {job_id} {status}: {detail}")
         return 1
-    pool = client.call("GET", _pool_path(args.name))
-    _out(_pool_listing(pool if isinstance(pool, dict) else {}, full=False))
-    return 0
+    return None
 
 
 def _wait_for_job(
@@ -525,7 +545,7 @@ def _wait_for_job(
     *,
     wait_timeout: float,
     progress: bool,
-    pool: str,
+    desc: str,
 ) -> dict[str, Any] | None:
     """Poll a job until it ends; None when `wait_timeout` passes first."""
     from tqdm import tqdm
@@ -537,7 +557,7 @@ def _wait_for_job(
     bar = tqdm(
         total=None,
         unit="row",
-        desc=f"embedding {pool}",
+        desc=desc,
         file=sys.stderr,
         dynamic_ncols=True,
         disable=not progress,
@@ -611,15 +631,97 @@ def cmd_pools_show(args: argparse.Namespace) -> int:
 def cmd_pools_delete(args: argparse.Namespace) -> int:
     """Delete a pool and its files, after a confirmation unless --yes."""
     client = _client(args)
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise CliError("refusing to delete without confirmation: pass --yes")
-        answer = input(f"delete pool {args.name!r} and all its files? [y/N] ")
-        if answer.strip().lower() not in {"y", "yes"}:
-            _err("not deleted")
-            return 1
+    if not _confirmed(args, f"delete pool {args.name!r} and all its files?"):
+        return 1
     client.call("DELETE", _pool_path(args.name))
     _out(f"deleted pool {args.name}")
+    return 0
+
+
+def _confirmed(args: argparse.Namespace, question: str) -> bool:
+    """True with --yes or when the user says yes; refuses (exit 2) when no one can be asked."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise CliError("refusing to delete without confirmation: pass --yes")
+    answer = input(f"{question} [y/N] ")
+    if answer.strip().lower() in {"y", "yes"}:
+        return True
+    _err("not deleted")
+    return False
+
+
+ANNOTATION_KEYS = ("id", "output", "label")
+
+
+def _read_annotations(path: str) -> tuple[list[dict[str, Any]], list[int], int]:
+    """The PATCH items of a JSONL file, the file line of each, and how many rows were skipped.
+
+    Only id, output and label are kept. A null output or label is left out rather than sent:
+    an exported row that the annotator did not fill in has both null, and sending "label": null
+    would clear the label that the server derives from the output on classification pools.
+    A row with neither is skipped.
+    """
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not UTF-8 text") from None
+    items: list[dict[str, Any]] = []
+    line_numbers: list[int] = []
+    skipped = 0
+    # Split on newlines only: str.splitlines() would also split inside a string holding U+2028,
+    # which the export writes as is (ensure_ascii=False).
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise CliError(f"{path} line {number}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise CliError(f"{path} line {number}: expected a JSON object")
+        ref = row.get("id")
+        if isinstance(ref, bool) or not isinstance(ref, int | str):
+            raise CliError(f"{path} line {number}: 'id' must be the example's id")
+        item = {k: row[k] for k in ANNOTATION_KEYS if row.get(k) is not None}
+        if len(item) == 1:
+            skipped += 1
+            continue
+        items.append(item)
+        line_numbers.append(number)
+    return items, line_numbers, skipped
+
+
+def cmd_pools_annotate(args: argparse.Namespace) -> int:
+    """Send the outputs (and labels) of a JSONL file as one annotation request."""
+    client = _client(args)
+    items, line_numbers, skipped = _read_annotations(args.file)
+    if skipped:
+        _err(f"skipped {skipped} row{'s' if skipped != 1 else ''} with no output or label")
+    if not items:
+        raise CliError(f"nothing to annotate in {args.file}")
+    try:
+        response = client.call(
+            "PATCH",
+            _pool_path(args.name, "/examples"),
+            body={"examples": items},
+            timeout=max(args.timeout, UPLOAD_MIN_TIMEOUT_S),
+        )
+    except ApiError as exc:
+        # The server numbers the items of the request; say which line of the file each was.
+        for row in exc.rows:
+            line = row.get("line") if isinstance(row, dict) else None
+            if isinstance(line, int) and 1 <= line <= len(line_numbers):
+                row["line"] = line_numbers[line - 1]
+        raise
+    result = response if isinstance(response, dict) else {}
+    updated = result.get("updated", len(items))
+    _out(
+        f"annotated {updated} example{'s' if updated != 1 else ''} of pool "
+        f"{result.get('pool', args.name)}: version {_cell(result.get('version'))}"
+    )
     return 0
 
 
@@ -658,6 +760,185 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
         for j in jobs
     ]
     _out(_table(("id", "kind", "pool", "status", "progress", "created_at"), rows))
+    return 0
+
+
+def _subset_path(pool: str, name: str | None = None) -> str:
+    suffix = "/subsets" if name is None else f"/subsets/{urllib.parse.quote(name, safe='')}"
+    return _pool_path(pool, suffix)
+
+
+def _param(text: str) -> tuple[str, Any]:
+    """--param KEY=VALUE: the value as JSON when it parses (3, 0.5, true, "x"), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(name)  # NaN and Infinity are not JSON the server would accept
+
+    try:
+        return key.strip(), json.loads(value, parse_constant=no_constants)
+    except ValueError:
+        return key.strip(), value
+
+
+def _seconds(subset: dict[str, Any]) -> str:
+    timing = subset.get("timing")
+    seconds = timing.get("seconds") if isinstance(timing, dict) else None
+    return f"{seconds:.1f}" if isinstance(seconds, int | float) else "-"
+
+
+def _yes_no(value: Any) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+SUBSET_SUMMARY_KEYS = ("name", "method", "size", "status", "seconds", "stale")
+
+
+def _subset_listing(subset: dict[str, Any], *, full: bool, ids_shown: int = 20) -> str:
+    keys: list[str] = ["pool", *SUBSET_SUMMARY_KEYS]
+    if full:
+        keys = ["pool", "name", "method", "budget", "params", "seed", "status", "job"]
+        keys += ["pool_version", "size", "stale", "seconds", "info", "error"]
+        keys += [k for k in subset if k not in {*keys, "timing", "ids", "examples"}]
+    pairs: list[tuple[str, Any]] = []
+    for key in keys:
+        if key == "seconds":
+            pairs.append((key, _seconds(subset)))
+        elif key == "stale":
+            pairs.append((key, _yes_no(subset.get(key))))
+        else:
+            pairs.append((key, _cell(subset.get(key))))
+    ids = subset.get("ids")
+    if full and isinstance(ids, list):
+        shown = ", ".join(str(i) for i in ids[:ids_shown]) or "-"
+        more = len(ids) - ids_shown
+        pairs.append(("ids", shown + (f", ... ({more} more)" if more > 0 else "")))
+    return _listing(pairs)
+
+
+def cmd_subsets_create(args: argparse.Namespace) -> int:
+    """Start a subset job, follow it, and print the subset's summary."""
+    params: dict[str, Any] = {}
+    for key, value in args.param or []:
+        if key in params:
+            raise CliError(f"--param {key} is given twice")
+        params[key] = value
+    body: dict[str, Any] = {"name": args.subset, "method": args.method, "budget": args.budget}
+    if params:
+        body["params"] = params
+    if args.seed is not None:
+        body["seed"] = args.seed
+    client = _client(args)
+    response = client.call("POST", _subset_path(args.name), body=body)
+    job = response.get("job") if isinstance(response, dict) else None
+    desc = f"{args.method} {args.name}/{args.subset}"
+    code = _follow_job(client, job, args, what="subset", desc=desc)
+    if code is not None:
+        return code
+    subset = client.call("GET", _subset_path(args.name, args.subset))
+    _out(_subset_listing(subset if isinstance(subset, dict) else {}, full=False))
+    return 0
+
+
+def cmd_subsets_list(args: argparse.Namespace) -> int:
+    """Print a table of a pool's subsets."""
+    response = _client(args).call("GET", _subset_path(args.name))
+    if args.json:
+        _dump_json(response)
+        return 0
+    subsets = _items(response, "subsets")
+    if not subsets:
+        _err(f"no subsets in pool {args.name}")
+        return 0
+    headers = ("name", "method", "budget", "size", "status", "stale", "pool_version", "seconds")
+    rows = [
+        [
+            s.get("name"),
+            s.get("method"),
+            s.get("budget"),
+            s.get("size"),
+            s.get("status"),
+            _yes_no(s.get("stale")),
+            s.get("pool_version"),
+            _seconds(s),
+        ]
+        for s in subsets
+    ]
+    _out(_table(headers, rows))
+    return 0
+
+
+def cmd_subsets_show(args: argparse.Namespace) -> int:
+    """Print one subset: its summary and first ids."""
+    subset = _client(args).call("GET", _subset_path(args.name, args.subset))
+    if args.json or not isinstance(subset, dict):
+        _dump_json(subset)
+    else:
+        _out(_subset_listing(subset, full=True))
+    return 0
+
+
+def cmd_subsets_delete(args: argparse.Namespace) -> int:
+    """Delete a subset (its job is cancelled if still computing)."""
+    client = _client(args)
+    if not _confirmed(args, f"delete subset {args.subset!r} of pool {args.name!r}?"):
+        return 1
+    client.call("DELETE", _subset_path(args.name, args.subset))
+    _out(f"deleted subset {args.subset} of pool {args.name}")
+    return 0
+
+
+EXPORT_KEYS = ("id", "external_id", "input", "output", "label", "metadata")
+# Line breaks to Python's str.splitlines() that json.dumps(ensure_ascii=False) leaves raw.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _jsonl_line(row: dict[str, Any]) -> str:
+    """One JSONL line, readable text (UTF-8), that no line-splitting reader cuts in two."""
+    return json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
+
+
+def cmd_subsets_export(args: argparse.Namespace) -> int:
+    """Write a subset's members as JSONL rows in subset order, for annotation."""
+    client = _client(args)
+    query = {"unlabeled": "true"} if args.unlabeled else {"rows": "true"}
+    subset = client.call("GET", _subset_path(args.name, args.subset), query=query)
+    if not isinstance(subset, dict):
+        raise ApiError(200, "the server sent no subset")
+    status = subset.get("status")
+    if status != "ready":
+        if status == "computing":
+            detail = f" by job {subset.get('job')}; wait for it" if subset.get("job") else ""
+        else:
+            error = subset.get("error")
+            detail = f": {_error_text(error)}" if error else ""
+        _err(f"subset {args.subset} is {status}{detail}; nothing to export")
+        return 1
+    if subset.get("stale"):
+        _err(
+            f"warning: subset {args.subset} is stale: the pool's examples changed since it was "
+            "computed"
+        )
+    rows = [r for r in subset.get("examples") or [] if isinstance(r, dict)]
+    text = "".join(_jsonl_line({k: r.get(k) for k in EXPORT_KEYS}) for r in rows)
+    if args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    ids = subset.get("ids")
+    members = len(ids) if isinstance(ids, list) else subset.get("size")
+    what = "unlabeled members" if args.unlabeled else "members"
+    where = f" to {args.output}" if args.output else ""
+    summary = f"exported {len(rows)} {what} of subset {args.subset} ({members} in all){where}"
+    if not args.unlabeled and isinstance(members, int) and len(rows) < members:
+        summary += f"; {members - len(rows)} are no longer in the pool"
+    _err(summary)
     return 0
 
 
@@ -736,6 +1017,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
     return value
 
 
@@ -839,6 +1130,81 @@ def build_parser() -> argparse.ArgumentParser:
     delete = _add_command(pools, "delete", cmd_pools_delete, "delete a pool and its files")
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    annotate = _add_command(
+        pools,
+        "annotate",
+        cmd_pools_annotate,
+        "set outputs (and labels) from a JSONL file of {id, output[, label]} rows, such as "
+        "a filled-in `subsets export`",
+    )
+    annotate.add_argument("name", metavar="NAME", help="pool name")
+    annotate.add_argument("file", metavar="FILE", help="JSONL file, or - for stdin")
+
+    subsets_parser = commands.add_parser(
+        "subsets", help="compute and export pool-level subsets (vote-k, IDEAL, ...)"
+    )
+    subsets = subsets_parser.add_subparsers(
+        dest="subsets_command", metavar="COMMAND", required=True
+    )
+    create = _add_command(
+        subsets,
+        "create",
+        cmd_subsets_create,
+        "compute a named subset of a pool and wait for it (resubmitting a name replaces it)",
+    )
+    create.add_argument("name", metavar="POOL", help="pool name")
+    create.add_argument("subset", metavar="NAME", help="subset name")
+    create.add_argument("--method", required=True, choices=SUBSET_METHODS, help="algorithm")
+    create.add_argument(
+        "--budget", required=True, type=_positive_int, help="how many examples to choose"
+    )
+    create.add_argument(
+        "--param",
+        action="append",
+        type=_param,
+        metavar="KEY=VALUE",
+        help="a method parameter, repeatable; VALUE is read as JSON when it parses "
+        "(3, 0.5, true, '\"text\"'), else as a string",
+    )
+    create.add_argument("--seed", type=_non_negative_int, help="seed (default: the server's, 0)")
+    create.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="print the job id and return once the job is accepted",
+    )
+    create.add_argument(
+        "--wait-timeout",
+        type=_positive_float,
+        default=3600.0,
+        help="seconds to follow the job before giving up (default: 3600)",
+    )
+    create.add_argument("--no-progress", action="store_true", help="no progress bar")
+    subset_list = _add_command(subsets, "list", cmd_subsets_list, "list a pool's subsets")
+    subset_list.add_argument("name", metavar="POOL", help="pool name")
+    subset_list.add_argument("--json", action="store_true", help="print the raw JSON")
+    subset_show = _add_command(subsets, "show", cmd_subsets_show, "show one subset")
+    subset_show.add_argument("name", metavar="POOL", help="pool name")
+    subset_show.add_argument("subset", metavar="NAME", help="subset name")
+    subset_show.add_argument("--json", action="store_true", help="print the raw JSON (all ids)")
+    subset_delete = _add_command(subsets, "delete", cmd_subsets_delete, "delete a subset")
+    subset_delete.add_argument("name", metavar="POOL", help="pool name")
+    subset_delete.add_argument("subset", metavar="NAME", help="subset name")
+    subset_delete.add_argument(
+        "--yes", "-y", action="store_true", help="do not ask for confirmation"
+    )
+    export = _add_command(
+        subsets,
+        "export",
+        cmd_subsets_export,
+        "write a subset's members as JSONL rows in subset order, to annotate and send back "
+        "with `pools annotate`",
+    )
+    export.add_argument("name", metavar="POOL", help="pool name")
+    export.add_argument("subset", metavar="NAME", help="subset name")
+    export.add_argument(
+        "--unlabeled", action="store_true", help="only the members that have no output yet"
+    )
+    export.add_argument("--output", "-o", metavar="FILE", help="write here (default: stdout)")
 
     jobs_parser = commands.add_parser("jobs", help="inspect background jobs")
     jobs = jobs_parser.add_subparsers(dest="jobs_command", metavar="COMMAND", required=True)

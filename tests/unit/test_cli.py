@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import subprocess
@@ -71,7 +72,7 @@ def _handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(raw)
 
-        do_GET = do_POST = do_DELETE = do_PUT = _handle
+        do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _handle
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -455,6 +456,401 @@ def test_pool_name_is_quoted_into_one_path_segment(server: FakeServer) -> None:
 def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("iclserve ")
+
+
+def subset_job(status: str, done: int = 0, total: int = 0, error: str | None = None) -> Any:
+    return {**job(status, done, total, error), "id": "s1", "kind": "subset"}
+
+
+IDS = list(range(100, 125))
+
+SUBSET = {
+    "pool": "sst2",
+    "name": "hard",
+    "method": "votek",
+    "budget": 25,
+    "params": {"k": 15, "rho": 10.0, "reference_compat": False, "exact_max_n": 20000},
+    "seed": 7,
+    "status": "ready",
+    "job": "s1",
+    "pool_version": 3,
+    "size": 25,
+    "stale": False,
+    "timing": {"seconds": 1.234, "pool_size": 4},
+    "info": {"random_fill": 0},
+    "error": None,
+    "created_at": "2025-01-01T00:00:00Z",
+    "finished_at": "2025-01-01T00:00:02Z",
+    "ids": IDS,
+}
+
+
+def member(
+    id_: int, output: str | None, *, external_id: str | None = None, input_: str = "text"
+) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "external_id": external_id,
+        "input": input_,
+        "output": output,
+        "label": output,
+        "metadata": {"source": "web"},
+    }
+
+
+def test_subsets_create_waits_with_progress_and_prints_summary(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    accepted = {k: v for k, v in SUBSET.items() if k != "ids"}
+    accepted.update(status="computing", size=0, timing=None)
+    server.routes[("POST", "/v1/pools/sst2/subsets")] = (
+        202,
+        {"job": subset_job("queued"), "subset": accepted},
+    )
+    server.routes[("GET", "/v1/jobs/s1")] = [
+        (200, subset_job("running", 0, 4)),
+        (200, subset_job("running", 2, 4)),
+        (200, subset_job("succeeded", 4, 4)),
+    ]
+    server.routes[("GET", "/v1/pools/sst2/subsets/hard")] = (200, SUBSET)
+    argv = ["subsets", "create", "sst2", "hard", "--method", "votek", "--budget", "25"]
+    argv += ["--param", "k=15", "--param", "rho=10.5", "--param", "reference_compat=true"]
+    argv += ["--param", "mode=exact", "--param", 'tag="42"', "--seed", "7"]
+    assert run(server, *argv) == 0
+
+    (request,) = server.seen("POST", "/v1/pools/sst2/subsets")
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Authorization"] == f"Bearer {KEY}"
+    assert json.loads(request.body) == {
+        "name": "hard",
+        "method": "votek",
+        "budget": 25,
+        "params": {"k": 15, "rho": 10.5, "reference_compat": True, "mode": "exact", "tag": "42"},
+        "seed": 7,
+    }
+    assert len(server.seen("GET", "/v1/jobs/s1")) == 3
+    out, err = capsys.readouterr()
+    assert "votek sst2/hard" in err  # the tqdm bar, on stderr
+    assert "4/4" in err
+    pairs = dict(line.split(None, 1) for line in out.splitlines())
+    assert pairs == {
+        "pool": "sst2",
+        "name": "hard",
+        "method": "votek",
+        "size": "25",
+        "status": "ready",
+        "seconds": "1.2",
+        "stale": "no",
+    }
+    assert KEY not in out + err
+
+
+def test_subsets_create_sends_only_given_fields_and_no_wait_prints_the_job(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/subsets")] = (202, {"job": subset_job("queued")})
+    argv = ["subsets", "create", "sst2", "r", "--method", "random", "--budget", "3", "--no-wait"]
+    assert run(server, *argv) == 0
+    assert json.loads(server.requests[0].body) == {"name": "r", "method": "random", "budget": 3}
+    out, err = capsys.readouterr()
+    assert out.strip() == "s1"
+    assert "subset accepted: job s1" in err
+    assert server.seen("GET", "/v1/jobs") == []
+
+
+def test_subsets_create_failed_job_exits_1_with_its_error(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/subsets")] = (202, {"job": subset_job("queued")})
+    server.routes[("GET", "/v1/jobs/s1")] = (
+        200,
+        subset_job("failed", 1, 4, error="params.k: must be >= 1"),
+    )
+    argv = ["subsets", "create", "sst2", "hard", "--method", "ideal", "--budget", "2"]
+    assert run(server, *argv, "--no-progress") == 1
+    out, err = capsys.readouterr()
+    assert "job s1 failed: params.k: must be >= 1" in err
+    assert out == ""
+    assert server.seen("GET", "/v1/pools/sst2/subsets") == []
+
+
+def test_subsets_create_wait_timeout_says_the_job_keeps_running(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("POST", "/v1/pools/sst2/subsets")] = (202, {"job": subset_job("queued")})
+    server.routes[("GET", "/v1/jobs/s1")] = (200, subset_job("running", 1, 4))
+    argv = ["subsets", "create", "sst2", "hard", "--method", "mfl", "--budget", "2"]
+    assert run(server, *argv, "--wait-timeout", "0.1", "--no-progress") == 1
+    assert "job s1 keeps running on the server" in capsys.readouterr().err
+
+
+def test_subsets_create_server_refusal_is_reported(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = {"message": "subset 'hard' is being computed by job s0", "type": "conflict"}
+    server.routes[("POST", "/v1/pools/sst2/subsets")] = (409, {"error": error})
+    argv = ["subsets", "create", "sst2", "hard", "--method", "votek", "--budget", "2"]
+    assert run(server, *argv) == 1
+    assert "error (409): subset 'hard' is being computed by job s0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("k=15", ("k", 15)),
+        ("rho=0.5", ("rho", 0.5)),
+        ("reference_compat=false", ("reference_compat", False)),
+        ("mode=exact", ("mode", "exact")),
+        ('mode="15"', ("mode", "15")),
+        ("first_seed=null", ("first_seed", None)),
+        ("rounds=[1, 2]", ("rounds", [1, 2])),
+        ("x=NaN", ("x", "NaN")),  # not JSON a server accepts: kept as text
+        ("x=a=b", ("x", "a=b")),
+        ("x=", ("x", "")),
+    ],
+)
+def test_param_values_are_json_when_they_parse(text: str, expected: tuple[str, Any]) -> None:
+    assert cli._param(text) == expected
+
+
+@pytest.mark.parametrize("bad", [["--param", "k"], ["--param", "=3"], ["--seed", "-1"]])
+def test_bad_subset_options_are_usage_errors(server: FakeServer, bad: list[str]) -> None:
+    argv = ["subsets", "create", "sst2", "hard", "--method", "votek", "--budget", "2", *bad]
+    with pytest.raises(SystemExit) as exc:
+        run(server, *argv)
+    assert exc.value.code == 2
+    assert server.requests == []
+
+
+def test_repeated_param_is_a_usage_error(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["subsets", "create", "sst2", "h", "--method", "votek", "--budget", "2"]
+    assert run(server, *argv, "--param", "k=1", "--param", "k=2") == 2
+    assert "--param k is given twice" in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_subsets_list_show_delete(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    listed = {k: v for k, v in SUBSET.items() if k != "ids"}
+    failed = {**listed, "name": "z", "status": "failed", "size": 0, "timing": None, "stale": False}
+    server.routes[("GET", "/v1/pools/sst2/subsets")] = (
+        200,
+        {"object": "list", "data": [listed, {**listed, "name": "old", "stale": True}, failed]},
+    )
+    server.routes[("GET", "/v1/pools/sst2/subsets/hard")] = (200, SUBSET)
+    server.routes[("DELETE", "/v1/pools/sst2/subsets/hard")] = (
+        200,
+        {"pool": "sst2", "name": "hard", "deleted": True},
+    )
+
+    assert run(server, "subsets", "list", "sst2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "name",
+        "method",
+        "budget",
+        "size",
+        "status",
+        "stale",
+        "pool_version",
+        "seconds",
+    ]
+    assert lines[1].split() == ["hard", "votek", "25", "25", "ready", "no", "3", "1.2"]
+    assert lines[2].split()[:6] == ["old", "votek", "25", "25", "ready", "yes"]
+    assert lines[3].split()[-1] == "-"
+
+    assert run(server, "subsets", "list", "sst2", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)["data"]) == 3
+
+    assert run(server, "subsets", "show", "sst2", "hard") == 0
+    out = capsys.readouterr().out
+    pairs = dict(line.split(None, 1) for line in out.splitlines())
+    assert pairs["method"] == "votek"
+    assert pairs["pool_version"] == "3"
+    assert pairs["stale"] == "no"
+    assert pairs["seconds"] == "1.2"
+    assert json.loads(pairs["params"])["k"] == 15
+    assert pairs["ids"] == ", ".join(str(i) for i in IDS[:20]) + ", ... (5 more)"
+
+    assert run(server, "subsets", "show", "sst2", "hard", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == IDS
+
+    assert run(server, "subsets", "delete", "sst2", "hard", "--yes") == 0
+    assert server.seen("DELETE", "/v1/pools/sst2/subsets/hard")
+    assert "deleted subset hard of pool sst2" in capsys.readouterr().out
+
+
+def test_subsets_list_empty_and_delete_needs_confirmation(
+    server: FakeServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.routes[("GET", "/v1/pools/sst2/subsets")] = (200, {"object": "list", "data": []})
+    assert run(server, "subsets", "list", "sst2") == 0
+    assert "no subsets in pool sst2" in capsys.readouterr().err
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    assert run(server, "subsets", "delete", "sst2", "hard") == 2
+    assert "pass --yes" in capsys.readouterr().err
+    assert server.seen("DELETE", "/") == []
+
+
+def test_subset_names_are_quoted_into_one_path_segment(server: FakeServer) -> None:
+    assert run(server, "subsets", "show", "sst2", "a/../b") == 1
+    assert server.requests[0].path == "/v1/pools/sst2/subsets/a%2F..%2Fb"
+
+
+def test_subsets_export_unlabeled_to_a_file(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Subset order, not id order; the server adds fields the export leaves out.
+    examples = [
+        {**member(9, None, external_id="a9", input_="é dull"), "score": 1.0},
+        member(2, None),
+    ]
+    server.routes[("GET", "/v1/pools/sst2/subsets/hard?unlabeled=true")] = (
+        200,
+        {**SUBSET, "ids": [9, 5, 2], "size": 3, "examples": examples},
+    )
+    target = tmp_path / "todo.jsonl"
+    argv = ["subsets", "export", "sst2", "hard", "--unlabeled", "--output", str(target)]
+    assert run(server, *argv) == 0
+    raw = target.read_text(encoding="utf-8")
+    assert "é dull" in raw  # UTF-8, not \u escapes
+    rows = [json.loads(line) for line in raw.splitlines()]
+    assert rows == [member(9, None, external_id="a9", input_="é dull"), member(2, None)]
+    assert list(rows[0]) == ["id", "external_id", "input", "output", "label", "metadata"]
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip() == f"exported 2 unlabeled members of subset hard (3 in all) to {target}"
+
+
+def test_subsets_export_all_rows_to_stdout(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    examples = [member(9, "positive"), member(5, None), member(2, "negative")]
+    server.routes[("GET", "/v1/pools/sst2/subsets/hard?rows=true")] = (
+        200,
+        {**SUBSET, "ids": [9, 5, 2, 7], "size": 4, "stale": True, "examples": examples},
+    )
+    assert run(server, "subsets", "export", "sst2", "hard") == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == examples
+    assert "warning: subset hard is stale" in err
+    assert "exported 3 members of subset hard (4 in all); 1 are no longer in the pool" in err
+
+
+def test_subsets_export_of_an_unfinished_subset_writes_nothing(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.routes[("GET", "/v1/pools/sst2/subsets/hard?rows=true")] = (
+        200,
+        {**SUBSET, "status": "computing", "ids": [], "size": 0, "examples": []},
+    )
+    target = tmp_path / "rows.jsonl"
+    assert run(server, "subsets", "export", "sst2", "hard", "-o", str(target)) == 1
+    assert "subset hard is computing by job s1" in capsys.readouterr().err
+    assert not target.exists()
+
+
+def test_pools_annotate_sends_one_patch_with_only_id_output_label(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    filled = [
+        {**member(9, None, external_id="a9"), "output": "positive"},  # the label stays null
+        member(5, None),  # not filled in: skipped
+        {"id": 2, "output": "negative", "label": "neg", "note": "ignored"},
+        {"id": "a7", "label": "positive"},
+    ]
+    path = tmp_path / "done.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in filled) + "\n", encoding="utf-8")
+    server.routes[("PATCH", "/v1/pools/sst2/examples")] = (
+        200,
+        {"pool": "sst2", "version": 5, "updated": 3},
+    )
+    assert run(server, "pools", "annotate", "sst2", str(path)) == 0
+    (request,) = server.requests
+    assert request.method == "PATCH"
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Authorization"] == f"Bearer {KEY}"
+    assert json.loads(request.body) == {
+        "examples": [
+            {"id": 9, "output": "positive"},
+            {"id": 2, "output": "negative", "label": "neg"},
+            {"id": "a7", "label": "positive"},
+        ]
+    }
+    out, err = capsys.readouterr()
+    assert out.strip() == "annotated 3 examples of pool sst2: version 5"
+    assert "skipped 1 row with no output or label" in err
+
+
+def test_pools_annotate_422_names_the_lines_of_the_file(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "done.jsonl"
+    path.write_text(
+        '{"id": 1, "output": null}\n\n{"id": 2, "output": "x"}\n{"id": 99, "output": "y"}\n'
+    )
+    error = {
+        "message": "1 annotation items are invalid; nothing was changed",
+        "type": "invalid_request_error",
+        "rows": [{"line": 2, "reason": "no example with id 99 in the pool"}],
+        "bad_rows": 1,
+    }
+    server.routes[("PATCH", "/v1/pools/sst2/examples")] = (422, {"error": error})
+    assert run(server, "pools", "annotate", "sst2", str(path)) == 1
+    out, err = capsys.readouterr()
+    assert "error (422): 1 annotation items are invalid; nothing was changed" in err
+    assert "  line 4: no example with id 99 in the pool" in err
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"id": 1, "output": "x"}\nnot json\n', "line 2: not valid JSON"),
+        ('["x"]\n', "line 1: expected a JSON object"),
+        ('{"output": "x"}\n', "line 1: 'id' must be"),
+        ('{"id": 1, "output": null, "label": null}\n', "nothing to annotate"),
+    ],
+)
+def test_pools_annotate_bad_files_are_usage_errors(
+    server: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str,
+    message: str,
+) -> None:
+    path = tmp_path / "done.jsonl"
+    path.write_text(content)
+    assert run(server, "pools", "annotate", "sst2", str(path)) == 2
+    assert message in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_export_then_annotate_round_trip(
+    server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.routes[("GET", "/v1/pools/sst2/subsets/hard?unlabeled=true")] = (
+        200,
+        {**SUBSET, "examples": [member(9, None, input_="one\u2028line"), member(4, None)]},
+    )
+    server.routes[("PATCH", "/v1/pools/sst2/examples")] = (200, {"pool": "sst2", "version": 4})
+    exported = tmp_path / "todo.jsonl"
+    assert run(server, "subsets", "export", "sst2", "hard", "--unlabeled", "-o", str(exported)) == 0
+    raw = exported.read_text(encoding="utf-8")
+    assert "\u2028" not in raw and "one\\u2028line" in raw  # escaped: one row, one line
+    rows = [json.loads(line) for line in raw.splitlines()]
+    assert rows[0]["input"] == "one\u2028line"
+    for row, answer in zip(rows, ["positive", "negative"], strict=True):
+        row["output"] = answer
+    # Read from stdin with "-".
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(json.dumps(r) + "\n" for r in rows)))
+    assert run(server, "pools", "annotate", "sst2", "-") == 0
+    (patch,) = server.seen("PATCH", "/v1/pools/sst2/examples")
+    assert json.loads(patch.body) == {
+        "examples": [{"id": 9, "output": "positive"}, {"id": 4, "output": "negative"}]
+    }
 
 
 @pytest.fixture
