@@ -49,7 +49,7 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 CONTENT_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv", "json": "application/json"}
 EXTENSION_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "json"}
 INPUT_PREVIEW_CHARS = 80
-SUBSET_METHODS = ("votek", "ideal", "mfl", "diversity", "random")
+SUBSET_METHODS = ("votek", "votek_two_stage", "ideal", "mfl", "diversity", "random")
 
 
 class CliError(Exception):

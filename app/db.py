@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS pools (
     name TEXT PRIMARY KEY,
     settings TEXT NOT NULL,
     active_version INTEGER NOT NULL DEFAULT 0,
+    content_version INTEGER NOT NULL DEFAULT 0,
     embedder_name TEXT,
     dim INTEGER,
     created_at REAL NOT NULL,
@@ -73,6 +74,25 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_pool ON jobs (pool, created_at);
+CREATE TABLE IF NOT EXISTS subsets (
+    pool TEXT NOT NULL,
+    name TEXT NOT NULL,
+    method TEXT NOT NULL,
+    budget INTEGER NOT NULL,
+    params TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    job_id TEXT,
+    pool_version INTEGER,
+    content_version INTEGER,
+    ids TEXT,
+    timing TEXT,
+    info TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    PRIMARY KEY (pool, name)
+);
 """
 
 

@@ -1,8 +1,9 @@
-"""Background upload jobs: embed staged rows in batches, then publish the version.
+"""Background jobs: a bounded worker pool per job kind, each job run in a thread.
 
-A bounded number of workers (default one: the machine has two cores and embedding uses
-both) take job ids from a queue and run each job in a thread. Progress is written to SQLite
-after every batch; a job cancelled meanwhile stops at the next batch.
+Uploads (embed staged rows, then publish) and pool-level computations (subsets) have their
+own queues, so a long subset computation does not hold up an upload. Each kind has few
+workers (default one): the machine has two cores and each job uses both. Progress is written
+to SQLite as the job goes; a job cancelled meanwhile stops at its next progress report.
 """
 
 from __future__ import annotations
@@ -23,24 +24,27 @@ from retrievers.base import Embedder
 
 log = logging.getLogger("iclserve.jobs")
 
+Handler = Callable[[str, Callable[[], bool]], str]
+"""Runs one job given its id and a `should_stop()` probe; returns the outcome."""
+
 
 class JobCancelled(Exception):
     pass
 
 
-class UploadWorker:
+class Worker:
+    """Takes job ids of one kind from a queue and runs them with `handler` in threads."""
+
     def __init__(
         self,
-        store: PoolStore,
-        embedder: Embedder,
+        kind: str,
+        handler: Handler,
         *,
-        batch_size: int,
         workers: int = 1,
         on_finished: Callable[[str, str, float], None] | None = None,
     ) -> None:
-        self.store = store
-        self.embedder = embedder
-        self.batch_size = batch_size
+        self.kind = kind
+        self.handler = handler
         self.workers = workers
         self.on_finished = on_finished
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -70,40 +74,54 @@ class UploadWorker:
             job_id = await self._queue.get()
             try:
                 await anyio.to_thread.run_sync(self._run, job_id, abandon_on_cancel=True)
-            except Exception:  # the job's own handler recorded it; keep the worker alive
-                log.exception("upload job %s crashed", job_id)
+            except Exception:  # the handler records its own failures; keep the worker alive
+                log.exception("%s job %s crashed", self.kind, job_id)
 
     def _run(self, job_id: str) -> None:
-        if not self.store.start_job(job_id):
-            return  # cancelled (or already taken) before it started
         started = time.monotonic()
         outcome = "failed"
         try:
-            ids, texts = self.store.staged_rows(job_id)
-            vectors = np.empty((len(texts), self.embedder.dim), dtype=np.float32)
-            for start in range(0, len(texts), self.batch_size):
-                if self._stopping.is_set():
+            outcome = self.handler(job_id, self._stopping.is_set)
+        finally:
+            if self.on_finished is not None:
+                self.on_finished(self.kind, outcome, time.monotonic() - started)
+
+
+def upload_handler(store: PoolStore, embedder: Embedder, *, batch_size: int) -> Handler:
+    """Embed an upload's staged rows in batches, then publish them as the next version."""
+
+    def run(job_id: str, should_stop: Callable[[], bool]) -> str:
+        if not store.start_job(job_id):
+            return "cancelled"  # cancelled (or already taken) before it started
+        started = time.monotonic()
+        try:
+            ids, texts = store.staged_rows(job_id)
+            vectors = np.empty((len(texts), embedder.dim), dtype=np.float32)
+            for start in range(0, len(texts), batch_size):
+                if should_stop():
+                    # Left 'running': recovery requeues it on the next start.
                     raise JobCancelled("server is shutting down; the job resumes on restart")
-                batch = texts[start : start + self.batch_size]
-                vectors[start : start + len(batch)] = self.embedder.embed(batch)
-                if not self.store.progress(job_id, start + len(batch)):
+                batch = texts[start : start + batch_size]
+                vectors[start : start + len(batch)] = embedder.embed(batch)
+                if not store.progress(job_id, start + len(batch)):
                     raise JobCancelled("cancelled")
             fault_point("embedded")
-            self.store.publish_upload(job_id, ids, vectors, embedder_name=self.embedder.name)
-            outcome = "succeeded"
+            store.publish_upload(job_id, ids, vectors, embedder_name=embedder.name)
             log.info(
                 "job %s published %d rows in %.1fs", job_id, len(texts), time.monotonic() - started
             )
+            return "succeeded"
         except JobCancelled as exc:
-            outcome = "cancelled"
             log.info("job %s stopped: %s", job_id, exc)
+            return "cancelled"
         except ICLServeError as exc:
-            outcome = "cancelled" if exc.code == "job_cancelled" else "failed"
-            if outcome == "failed":
-                self.store.fail_job(job_id, exc.message)
+            if exc.code == "job_cancelled":
+                return "cancelled"
+            store.fail_job(job_id, exc.message)
+            return "failed"
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            self.store.fail_job(job_id, f"internal error while embedding: {type(exc).__name__}")
-        finally:
-            if self.on_finished is not None:
-                self.on_finished("upload", outcome, time.monotonic() - started)
+            store.fail_job(job_id, f"internal error while embedding: {type(exc).__name__}")
+            return "failed"
+
+    return run

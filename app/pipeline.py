@@ -20,11 +20,12 @@ from app.errors import Conflict, InvalidRequest, NotFound
 from app.settings import Limits
 from app.snapshot import PoolSnapshot
 from app.store import ExampleRow, PoolSettings, PoolStore
+from app.subsets import SubsetStore
 from app.templates import Demo, Template, render_chat, render_chat_demos, render_text
 from retrievers.base import Embedder
 from selection.base import Candidates, SelectionContext
 from selection.ordering import OrderName, build_orderer
-from selection.specs import SelectorSpec
+from selection.specs import SelectorSpec, SubsetSpec
 
 POOL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -38,6 +39,9 @@ class SelectParams(BaseModel):
     selector: SelectorSpec | None = Field(None, description="Selection strategy (pool default).")
     order: OrderName | None = Field(None, description="Prompt order (pool default).")
     subset: str | None = Field(None, description="Restrict candidates to a named subset.")
+    allow_stale: bool = Field(
+        False, description="Use a subset even if the pool's examples changed since it was computed."
+    )
     seed: int | None = Field(
         None, description="Seed for random strategies; default derived from the request."
     )
@@ -130,6 +134,7 @@ class Pipeline:
         self.limits = limits
         self.default_k = default_k
         self._observe = observe_stage
+        self.subsets: SubsetStore | None = None
 
     def _snapshot(self, pool: str) -> PoolSnapshot:
         snapshot = self.store.snapshot(pool)
@@ -152,7 +157,12 @@ class Pipeline:
         self, settings: PoolSettings, params: SelectParams
     ) -> tuple[SelectorSpec, OrderName, int]:
         spec = params.selector if params.selector is not None else settings.selector
-        order = params.order if params.order is not None else settings.order
+        if params.order is not None:
+            order = params.order
+        elif isinstance(spec, SubsetSpec):
+            order = "as_selected"  # a fixed set keeps its own order: a stable prompt prefix
+        else:
+            order = settings.order
         k = params.k if params.k is not None else (settings.k or self.default_k)
         if k > self.limits.max_k:
             raise InvalidRequest(
@@ -160,13 +170,12 @@ class Pipeline:
                 param="k",
                 code="k_too_large",
             )
-        if params.subset is not None:
-            raise NotFound(
-                f"subset '{params.subset}' does not exist in this pool",
-                param="subset",
-                code="subset_not_found",
-            )
         return spec, order, k
+
+    def _subset_ids(self, pool: str, name: str, allow_stale: bool) -> NDArray[np.int64]:
+        if self.subsets is None:
+            raise NotFound(f"subset '{name}' does not exist", param="subset")
+        return self.subsets.usable_ids(pool, name, allow_stale=allow_stale)
 
     def _choose(
         self,
@@ -176,6 +185,9 @@ class Pipeline:
         order: OrderName,
         k: int,
         seed: int | None,
+        *,
+        allowed: NDArray[np.int64] | None = None,
+        fixed: NDArray[np.int64] | None = None,
     ) -> tuple[Candidates, dict[str, float]]:
         t0 = time.perf_counter()
         vector: NDArray[np.float32] = self.embedder.embed([query])[0]
@@ -187,7 +199,7 @@ class Pipeline:
                 f"of {self.limits.max_fetch_k}",
                 param="selector",
             )
-        candidates = snapshot.retrieve(vector, request)
+        candidates = snapshot.retrieve(vector, request, allowed=allowed, fixed=fixed)
         t2 = time.perf_counter()
         if seed is None:
             seed = _default_seed(snapshot.pool, snapshot.version, query)
@@ -212,13 +224,20 @@ class Pipeline:
         spec, order, k = self._resolve(settings, params)
         template = _merge_template(settings.template, params.template)
         snapshot = self._snapshot(pool)
+        allowed = fixed = None
+        if params.subset is not None:
+            allowed = self._subset_ids(pool, params.subset, params.allow_stale)
+        if isinstance(spec, SubsetSpec):
+            fixed = self._subset_ids(pool, spec.name, params.allow_stale)
         if k == 0:
             ordered, timing = (
                 Candidates.empty(snapshot.dim),
                 {"embed": 0.0, "search": 0.0, "select": 0.0},
             )
         else:
-            ordered, timing = self._choose(snapshot, query, spec, order, k, params.seed)
+            ordered, timing = self._choose(
+                snapshot, query, spec, order, k, params.seed, allowed=allowed, fixed=fixed
+            )
         rows = self.store.examples_by_id(pool, snapshot.version, [int(i) for i in ordered.ids])
         timing["total"] = (time.perf_counter() - started) * 1e3
         if self._observe is not None:

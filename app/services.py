@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 import anyio
 
-from app.jobs import UploadWorker
+from app.jobs import Worker, upload_handler
 from app.llm.client import UpstreamClient
 from app.llm.embeddings import OpenAIEmbedder
 from app.metrics import Metrics
 from app.pipeline import Pipeline
 from app.settings import PACKAGED_MODEL_NAME, EmbeddingSettings, Settings
 from app.store import PoolStore
+from app.subsets import SubsetStore
 from retrievers.base import Embedder
 from retrievers.cache import CachedEmbedder
 from retrievers.hashing import HashingEmbedder
@@ -58,7 +59,9 @@ class Services:
     query_embedder: CachedEmbedder
     pipeline: Pipeline
     upstream: UpstreamClient
-    worker: UploadWorker
+    subsets: SubsetStore
+    uploads: Worker
+    computations: Worker
     metrics: Metrics
 
     @classmethod
@@ -80,14 +83,19 @@ class Services:
             observe_stage=metrics.observe_stage,
         )
         upstream = UpstreamClient(settings.upstreams, on_result=metrics.observe_upstream)
-        worker = UploadWorker(
-            store,
-            embedder,
-            batch_size=settings.embedding.batch_size,
+        subsets = SubsetStore(
+            store, max_budget=settings.limits.max_subset_budget, upstream=upstream
+        )
+        pipeline.subsets = subsets
+        uploads = Worker(
+            "upload",
+            upload_handler(store, embedder, batch_size=settings.embedding.batch_size),
             workers=settings.upload_workers,
             on_finished=metrics.observe_job,
         )
-        worker.start(resume)
+        computations = Worker("subset", subsets.run_job, on_finished=metrics.observe_job)
+        uploads.start(resume)
+        computations.start([])
         if resume:
             log.info("resuming %d interrupted upload job(s)", len(resume))
         return cls(
@@ -97,11 +105,14 @@ class Services:
             query_embedder=query_embedder,
             pipeline=pipeline,
             upstream=upstream,
-            worker=worker,
+            subsets=subsets,
+            uploads=uploads,
+            computations=computations,
             metrics=metrics,
         )
 
     async def aclose(self) -> None:
-        await self.worker.stop()
+        await self.uploads.stop()
+        await self.computations.stop()
         await self.upstream.aclose()
         self.store.close()

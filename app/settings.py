@@ -95,6 +95,7 @@ class Limits(BaseModel):
     max_field_chars: int = Field(20_000, ge=16)
     max_pools: int = Field(1000, ge=1)
     max_pool_rows: int = Field(2_000_000, ge=1)
+    max_subset_budget: int = Field(10_000, ge=1)
 
 
 def _split_keys(value: Any) -> Any:

@@ -43,6 +43,7 @@ class PoolSnapshot:
     ids: NDArray[np.int64]
     vectors: NDArray[np.float32]
     labeled_pos: NDArray[np.intp]
+    labeled_mask: NDArray[np.bool_]
     label_codes: NDArray[np.int32]
     label_names: tuple[str, ...]
     index: FlatIPIndex
@@ -82,6 +83,7 @@ class PoolSnapshot:
             ids=members.ids,
             vectors=vectors,
             labeled_pos=labeled_pos,
+            labeled_mask=np.asarray(members.labeled, dtype=np.bool_),
             label_codes=codes,
             label_names=tuple(names),
             index=index,
@@ -131,9 +133,36 @@ class PoolSnapshot:
                 self._lazy.per_label[code] = index
             return index
 
-    def retrieve(self, query: NDArray[np.float32], request: CandidateRequest) -> Candidates:
-        """Labeled candidates for `query`, best first (descending score, ties by id)."""
+    def _labeled_positions_of(self, ids: NDArray[np.int64]) -> NDArray[np.intp]:
+        """Positions of those `ids` that are labeled members of this version, in `ids` order."""
+        if self.size == 0:
+            return np.empty(0, dtype=np.intp)
+        pos = np.minimum(np.searchsorted(self.ids, ids), self.size - 1).astype(np.intp)
+        keep: NDArray[np.bool_] = (self.ids[pos] == ids) & self.labeled_mask[pos]
+        return pos[keep]
+
+    def retrieve(
+        self,
+        query: NDArray[np.float32],
+        request: CandidateRequest,
+        *,
+        allowed: NDArray[np.int64] | None = None,
+        fixed: NDArray[np.int64] | None = None,
+    ) -> Candidates:
+        """Labeled candidates for `query`, best first (descending score, ties by id).
+
+        `allowed` restricts every search to those ids (a subset); `fixed` is a named ordered
+        set for `CandidateRequest(fixed=True)`, delivered in its own order.
+        """
         q = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
+        if request.fixed:
+            if fixed is None:
+                raise ValueError("a fixed-set strategy needs the set's ids")
+            pos = self._labeled_positions_of(fixed)
+            scores = (np.asarray(self.vectors[pos], dtype=np.float32) @ q[0]).astype(np.float32)
+            return self.candidates_at(pos, scores)
+        if allowed is not None:
+            return self._retrieve_within(q, request, allowed)
         if request.everything:
             # Pool order, not best first: sorting and copying every labeled vector would cost
             # more than the query-independent selectors that ask for everything.
@@ -155,13 +184,42 @@ class PoolSnapshot:
                     s, i = self._label_index(code).search(q, request.per_label)
                     found_ids.append(i[0])
                     found_scores.append(s[0])
-            if not found_ids:
-                return Candidates.empty(self.dim)
-            all_ids = np.concatenate(found_ids)
-            all_scores = np.concatenate(found_scores)
-            keep = all_ids >= 0
-            all_ids, first = np.unique(all_ids[keep], return_index=True)
-            scores = all_scores[keep][first]
-            pos = self.positions(all_ids)
+            return self._merge(found_ids, found_scores)
+
+    def _retrieve_within(
+        self, q: NDArray[np.float32], request: CandidateRequest, allowed: NDArray[np.int64]
+    ) -> Candidates:
+        pos = self._labeled_positions_of(np.unique(allowed))
+        if request.everything:
+            scores = (np.asarray(self.vectors[pos], dtype=np.float32) @ q[0]).astype(np.float32)
+            return self.candidates_at(pos, scores)
+        found_ids: list[NDArray[np.int64]] = []
+        found_scores: list[NDArray[np.float32]] = []
+        allowed_ids = self.ids[pos]
+        if request.top_n > 0:
+            s, i = self.index.search_subset(q, request.top_n, allowed_ids)
+            found_ids.append(i[0])
+            found_scores.append(s[0])
+        if request.per_label > 0:
+            codes = self.label_codes[pos]
+            for code in np.unique(codes[codes >= 0]):
+                s, i = self._label_index(int(code)).search_subset(
+                    q, request.per_label, allowed_ids[codes == code]
+                )
+                found_ids.append(i[0])
+                found_scores.append(s[0])
+        return self._merge(found_ids, found_scores)
+
+    def _merge(
+        self, found_ids: list[NDArray[np.int64]], found_scores: list[NDArray[np.float32]]
+    ) -> Candidates:
+        if not found_ids:
+            return Candidates.empty(self.dim)
+        all_ids = np.concatenate(found_ids)
+        all_scores = np.concatenate(found_scores)
+        keep = all_ids >= 0
+        unique_ids, first = np.unique(all_ids[keep], return_index=True)
+        scores = all_scores[keep][first]
+        pos = self.positions(unique_ids)
         order = np.lexsort((self.ids[pos], -scores.astype(np.float64)))
         return self.candidates_at(pos[order], scores[order])

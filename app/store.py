@@ -198,6 +198,11 @@ class PoolStore:
                 "WHERE status IN ('queued','running') AND kind = 'upload'"
             )
             conn.execute(
+                "UPDATE subsets SET status='failed', finished_at=?, error=? "
+                "WHERE status = 'computing'",
+                (now, "interrupted by a server restart; resubmit it"),
+            )
+            conn.execute(
                 "DELETE FROM examples WHERE job_id IS NOT NULL AND job_id NOT IN "
                 "(SELECT id FROM jobs WHERE status = 'queued')"
             )
@@ -320,7 +325,7 @@ class PoolStore:
                 "WHERE pool = ? AND status IN ('queued','running')",
                 (now, pool),
             )
-            for table in ("examples", "annotations", "versions"):
+            for table in ("examples", "annotations", "versions", "subsets"):
                 conn.execute(f"DELETE FROM {table} WHERE pool = ?", (pool,))
             conn.execute("DELETE FROM pools WHERE name = ?", (pool,))
         with self._snapshot_guard:
@@ -498,10 +503,11 @@ class PoolStore:
                     conn, pool, version, rel, digest, embedder_name, dim, rows=ids.shape[0]
                 )
                 self._record_version(conn, snapshot, rel, digest, "upload")
+                # content_version marks what subsets depend on: membership and vectors.
                 conn.execute(
-                    "UPDATE pools SET active_version = ?, embedder_name = ?, dim = ?, "
-                    "updated_at = ? WHERE name = ?",
-                    (version, embedder_name, dim, time.time(), pool),
+                    "UPDATE pools SET active_version = ?, content_version = ?, embedder_name = ?, "
+                    "dim = ?, updated_at = ? WHERE name = ?",
+                    (version, version, embedder_name, dim, time.time(), pool),
                 )
                 conn.execute(
                     "UPDATE jobs SET status='succeeded', done=total, finished_at=?, result=? "
@@ -625,18 +631,28 @@ class PoolStore:
 
     # --------------------------------------------------------------------------- reading
 
-    def examples_by_id(self, pool: str, version: int, ids: Sequence[int]) -> list[ExampleRow]:
-        """Rows of `ids` as of `version`, in the order of `ids`."""
-        if not ids:
-            return []
-        params: dict[str, Any] = {"pool": pool, "v": version}
-        params.update({f"i{n}": int(i) for n, i in enumerate(ids)})
-        marks = ",".join(f":i{n}" for n in range(len(ids)))
+    def examples_by_id(
+        self, pool: str, version: int, ids: Sequence[int], *, skip_missing: bool = False
+    ) -> list[ExampleRow]:
+        """Rows of `ids` as of `version`, in the order of `ids`.
+
+        An id that is not in that version is a conflict (the pool changed under the request),
+        or is left out with `skip_missing`.
+        """
+        by_id: dict[int, ExampleRow] = {}
         with self.db.read() as conn:
-            rows = conn.execute(
-                "SELECT * FROM (" + _VISIBLE + f") WHERE id IN ({marks})", params
-            ).fetchall()
-        by_id = {int(r["id"]): _row_to_example(r) for r in rows}
+            # Chunks keep the statement under SQLite's bound-parameter limit.
+            for start in range(0, len(ids), 900):
+                chunk = ids[start : start + 900]
+                params: dict[str, Any] = {"pool": pool, "v": version}
+                params.update({f"i{n}": int(i) for n, i in enumerate(chunk)})
+                marks = ",".join(f":i{n}" for n in range(len(chunk)))
+                for r in conn.execute(
+                    "SELECT * FROM (" + _VISIBLE + f") WHERE id IN ({marks})", params
+                ):
+                    by_id[int(r["id"])] = _row_to_example(r)
+        if skip_missing:
+            return [by_id[int(i)] for i in ids if int(i) in by_id]
         missing = [i for i in ids if int(i) not in by_id]
         if missing:
             raise Conflict(
@@ -787,11 +803,13 @@ class PoolStore:
             )
             return cur.rowcount == 1
 
-    def progress(self, job_id: str, done: int) -> bool:
+    def progress(self, job_id: str, done: int, *, total: int | None = None) -> bool:
         """Record progress; False when the job was cancelled meanwhile."""
         with self.db.write() as conn:
             cur = conn.execute(
-                "UPDATE jobs SET done = ? WHERE id = ? AND status = 'running'", (done, job_id)
+                "UPDATE jobs SET done = ?, total = COALESCE(?, total) "
+                "WHERE id = ? AND status = 'running'",
+                (done, total, job_id),
             )
             return cur.rowcount == 1
 

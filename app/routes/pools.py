@@ -89,7 +89,7 @@ async def upload_examples(
         return store.stage_upload(pool, records, mode=mode, max_pool_rows=limits.max_pool_rows)
 
     job = await anyio.to_thread.run_sync(stage)
-    services.worker.submit(job["id"])
+    services.uploads.submit(job["id"])
     return JSONResponse({"job": job}, status_code=202)
 
 

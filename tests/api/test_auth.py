@@ -24,6 +24,8 @@ CLIENT_ROUTES = {
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/pools/{pool}/subsets"),
+    ("GET", "/v1/pools/{pool}/subsets/{name}"),
 }
 
 
@@ -46,7 +48,9 @@ def _routes(client: TestClient) -> list[tuple[str, str]]:
 
 
 def _concrete(path: str) -> str:
-    return re.sub(r"\{(\w+)\}", lambda m: {"pool": "p1", "job_id": "job_x"}[m.group(1)], path)
+    return re.sub(
+        r"\{(\w+)\}", lambda m: {"pool": "p1", "job_id": "job_x", "name": "s1"}[m.group(1)], path
+    )
 
 
 def test_every_route_is_in_the_matrix(keyed: tuple[TestClient, Settings]) -> None:

@@ -29,6 +29,30 @@ The answer depends on the prompt, so tests can tell good demonstrations from bad
   from the request or the fake's `embedding_dim`; `encoding_format: "base64"` is honoured.
   The `data` items come back in reverse order, so clients must sort by `index`.
 
+Chat log-probabilities and samples (non-streaming chat only; without `logprobs` and `n`,
+and without `seed` or a positive `temperature`, the response is exactly as above).
+`answer_distribution(messages)` is the fake's first-token distribution: the chat answer
+above with probability p = (words of the chosen demonstration's user content shared with
+the query) / (its distinct words), clamped to [0.05, 0.99] (no demonstrations: "unknown"
+with 0.05), then up to four runner-ups (the other distinct assistant contents, by their
+best word overlap, later demonstration first on ties) sharing 1 - p equally. Tokens are
+the answer's whitespace pieces (`"not entailment"` is `"not "`, `"entailment"`).
+
+* `logprobs: true`: `choices[i].logprobs.content` has one entry per token of that choice's
+  answer, `{"token", "logprob", "bytes": null, "top_logprobs": [...]}`. The first token's
+  `top_logprobs` are the distribution's first tokens (answers sharing a first token add up),
+  most probable first, cut to the request's `top_logprobs` (default 0); its `logprob` is its
+  own entry's. Later tokens have logprob 0.0 and themselves as the only alternative.
+  `fake.logprobs_enabled = False` makes the fake ignore `logprobs` (always `null`), like a
+  server without the feature.
+* `n`: that many choices. At temperature 0 (or none) every choice is the answer above; above
+  0, when the body has `n` or `seed` (a request with neither keeps the answer above, as
+  before), choice i is `sample_answer(messages, seed, i)`: drawn from the distribution with
+  u = `sample_uniform(messages, seed, i)` (a hash, so the same request gives the same
+  samples; mass not covered goes to the answer). `fake.n_enabled = False` makes the fake
+  ignore `n` (one choice, index 0), like a server without it; the request's `seed` still
+  changes the draw.
+
 Streaming sends a role chunk, one chunk per word of the answer, a finish chunk (plus a usage
 chunk when `stream_options.include_usage`), then `data: [DONE]`. A non-streaming body is
 sent in three chunks, so chunk faults apply to it too.
@@ -81,7 +105,10 @@ __all__ = [
     "RecordedRequest",
     "answer_chat",
     "answer_completion",
+    "answer_distribution",
     "embed_text",
+    "sample_answer",
+    "sample_uniform",
 ]
 
 FaultKind = Literal[
@@ -181,6 +208,88 @@ def answer_completion(prompt: str) -> str:
     return _best(query, demonstrations)
 
 
+PROB_MIN = 0.05
+PROB_MAX = 0.99
+MAX_RUNNER_UPS = 4
+
+
+def _demonstrations(messages: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[str, str]]]:
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        return "", []
+    return _text(messages[last_user].get("content")), [
+        (_text(messages[i].get("content")), _text(messages[i + 1].get("content")))
+        for i in range(last_user - 1)
+        if messages[i].get("role") == "user" and messages[i + 1].get("role") == "assistant"
+    ]
+
+
+def answer_distribution(messages: Sequence[dict[str, Any]]) -> list[tuple[str, float]]:
+    """The fake's answers with their probabilities, its own answer first (module docstring)."""
+    query, demonstrations = _demonstrations(messages)
+    if not demonstrations:
+        return [("unknown", PROB_MIN)]
+    query_words = _words(query)
+    scores = [len(_words(question) & query_words) for question, _ in demonstrations]
+    best = max(range(len(scores)), key=lambda i: (scores[i], i))  # ties: the later one
+    question, chosen = demonstrations[best]
+    words = _words(question)
+    p = min(PROB_MAX, max(PROB_MIN, scores[best] / len(words) if words else 0.0))
+    rank: dict[str, tuple[int, int]] = {}
+    for i, (_, answer) in enumerate(demonstrations):
+        if answer != chosen:
+            rank[answer] = max(rank.get(answer, (-1, -1)), (scores[i], i))
+    runners = sorted(rank, key=lambda a: rank[a], reverse=True)[:MAX_RUNNER_UPS]
+    share = (1.0 - p) / len(runners) if runners else 0.0
+    return [(chosen, p)] + [(answer, share) for answer in runners]
+
+
+def sample_uniform(messages: Sequence[dict[str, Any]], seed: Any, index: int) -> float:
+    """The fake's deterministic "random" number in [0, 1) for choice `index` of a request."""
+    key = json.dumps([list(messages), seed, index], sort_keys=True, default=str)
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def sample_answer(messages: Sequence[dict[str, Any]], seed: Any, index: int) -> str:
+    """Choice `index` of a chat request at temperature > 0 (see the module docstring)."""
+    u = sample_uniform(messages, seed, index)
+    dist = answer_distribution(messages)
+    total = 0.0
+    for answer, p in dist:
+        total += p
+        if u < total:
+            return answer
+    return dist[0][0]
+
+
+def _token_logprobs(
+    answer: str, dist: Sequence[tuple[str, float]], top: int
+) -> list[dict[str, Any]]:
+    firsts: dict[str, float] = {}
+    for text, p in dist:
+        first = _pieces(text)[0]
+        firsts[first] = firsts.get(first, 0.0) + p
+    ranked = sorted(firsts.items(), key=lambda item: -item[1])
+    pieces = _pieces(answer)
+    head = pieces[0]
+    head_p = firsts.get(head, PROB_MIN)
+    out = [
+        {
+            "token": head,
+            "logprob": math.log(head_p),
+            "bytes": None,
+            "top_logprobs": [
+                {"token": t, "logprob": math.log(p), "bytes": None} for t, p in ranked[:top]
+            ],
+        }
+    ]
+    for piece in pieces[1:]:
+        alt = [{"token": piece, "logprob": 0.0, "bytes": None}][:top]
+        out.append({"token": piece, "logprob": 0.0, "bytes": None, "top_logprobs": alt})
+    return out
+
+
 def embed_text(text: str, dim: int) -> list[float]:
     """A hashed bag of words, L2-normalised: texts sharing words get close vectors."""
     vector = [0.0] * dim
@@ -247,6 +356,8 @@ class FakeUpstream:
         self._faults: dict[FaultKind, _Fault] = {}
         self._random = random.Random(0)
         self._counter = 0
+        self.logprobs_enabled = True  # False: ignore `logprobs` like a server without it
+        self.n_enabled = True  # False: ignore `n` (always one choice)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -577,13 +688,10 @@ class FakeUpstream:
             "system_fingerprint": "fake",
         }
         if not body.get("stream"):
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": answer},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-            payload = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+            choices = self._chat_choices(body, messages, answer)
+            usage["completion_tokens"] = sum(_tokens(c["message"]["content"]) for c in choices)
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            payload = {**head, "object": "chat.completion", "choices": choices, "usage": usage}
             return 200, "application/json", self._json(payload)
         head["object"] = "chat.completion.chunk"
 
@@ -595,6 +703,38 @@ class FakeUpstream:
         events += [chunk({"content": piece}, None) for piece in _pieces(answer)]
         events.append(chunk({}, "stop"))
         return 200, "text/event-stream", self._finish_stream(body, head, usage, events)
+
+    def _chat_choices(
+        self, body: dict[str, Any], messages: list[Any], answer: str
+    ) -> list[dict[str, Any]]:
+        n = body.get("n")
+        count = min(n, 128) if isinstance(n, int) and n >= 1 and self.n_enabled else 1
+        temperature = body.get("temperature")
+        sampled = (
+            isinstance(temperature, int | float)
+            and temperature > 0
+            and ("n" in body or "seed" in body)
+        )
+        want_logprobs = body.get("logprobs") is True and self.logprobs_enabled
+        top = body.get("top_logprobs")
+        top = top if isinstance(top, int) and top >= 0 else 0
+        dist = answer_distribution(messages) if (sampled or want_logprobs) else []
+        choices = []
+        for index in range(count):
+            text = sample_answer(messages, body.get("seed"), index) if sampled else answer
+            choices.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": (
+                        {"content": _token_logprobs(text, dist, top), "refusal": None}
+                        if want_logprobs
+                        else None
+                    ),
+                    "finish_reason": "stop",
+                }
+            )
+        return choices
 
     def _completions(self, body: dict[str, Any]) -> tuple[int, str, list[bytes]]:
         prompt = body.get("prompt")

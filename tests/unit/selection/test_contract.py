@@ -43,7 +43,8 @@ def test_registry_covers_every_strategy_module() -> None:
     selectors_found: set[type] = set()
     for module in _selection_modules():
         for _, cls in inspect.getmembers(module, inspect.isclass):
-            if cls.__module__ != module.__name__ or getattr(cls, "_is_protocol", False):
+            private = cls.__name__.startswith("_")
+            if cls.__module__ != module.__name__ or private or getattr(cls, "_is_protocol", False):
                 continue
             if issubclass(cls, BaseModel) and hasattr(cls, "candidate_request"):
                 specs_found.add(cls)
