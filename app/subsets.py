@@ -155,7 +155,7 @@ def fit_subset(
         return Fitted(diversity_subset(X, budget, rng=rng), {})
     started = time.perf_counter()
     if isinstance(params, MflParams):
-        mode = params.mode if params.mode != "auto" else ("exact" if n <= 20_000 else "sparse")
+        mode = params.resolve_mode(n)
         graph = (
             _graph(X, params.k, params.exact_max_n, seed, progress) if mode == "sparse" else None
         )

@@ -35,6 +35,7 @@ __all__ = [
     "MflParams",
     "RandomParams",
     "diversity_subset",
+    "mfl_objective",
     "mfl_subset",
     "random_subset",
 ]
@@ -416,7 +417,7 @@ def _sparse_celf(
     return picks
 
 
-def sparse_mfl_voter_sims(graph: KnnGraph) -> NDArray[np.float32]:
+def _graph_voter_sims(graph: KnnGraph) -> NDArray[np.float32]:
     """The edge similarities aligned with `graph.voters_indices` (sim of v -> u for voter v)."""
     return _voter_sims(
         np.ascontiguousarray(graph.nbr, dtype=np.int32),
@@ -428,7 +429,7 @@ def sparse_mfl_voter_sims(graph: KnnGraph) -> NDArray[np.float32]:
 def _mfl_sparse(graph: KnnGraph, m: int) -> list[int]:
     indptr = np.ascontiguousarray(graph.voters_indptr, dtype=np.int64)
     voters = np.ascontiguousarray(graph.voters_indices, dtype=np.int32)
-    vsim = sparse_mfl_voter_sims(graph)
+    vsim = _graph_voter_sims(graph)
     picks = _sparse_celf(np.ascontiguousarray(graph.nbr, dtype=np.int32), indptr, voters, vsim, m)
     return [int(p) for p in picks]
 
@@ -485,6 +486,20 @@ def mfl_subset(
     else:
         raise ValueError(f"unknown MFL mode {mode!r}")
     return picks if pick_order else sorted(picks)
+
+
+def mfl_objective(X_centered: NDArray[np.float32], picks: list[int]) -> float:
+    """The dense objective F(S) = sum_i max(-1, max_{s in S} cc(i, s)) in float64 (2.3).
+
+    For the L4 report `F(S_sparse) / F(S_exact)` of ALGORITHMS.md 2.3 (and benchmarks).
+    F of the empty set is -N. Cost O(|S| * N * d), memory O(N).
+    """
+    _check_matrix(X_centered)
+    x = np.ascontiguousarray(X_centered, dtype=np.float32)
+    best = np.full(int(x.shape[0]), -1.0, dtype=np.float64)
+    for s in picks:
+        np.maximum(best, _column_f64(x, None, int(s)), out=best)
+    return float(best.sum())
 
 
 # --------------------------------------------------------------------------------------------
