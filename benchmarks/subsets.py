@@ -11,8 +11,8 @@ gives the kNN graphs the skewed in-degrees real text embeddings have. The fast s
 `app.subsets.fit_subset` exactly as a subset job does (graph build included), after a call on
 a 400-item pool that compiles the numba kernels; that one-off compile is its own column. The
 dense side runs `selection.dense_reference`: per-row similarity and argsort graphs, an N x N
-matrix for MFL, Python-list cascades for IDEAL. Cells that cannot run (N x N memory over the machine's
-RAM) or that pass `--dense-timeout` are reported as such, not run or cut off.
+matrix for MFL, Python-list cascades for IDEAL. Cells that cannot run (N x N memory over the
+machine's RAM) or that pass `--dense-timeout` are reported as such, not run or cut off.
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def main() -> None:
     print()
     print(
         "| method | N | iclserve s | first-call compile s | iclserve peak RSS MB | "
+        "dense reference-style s | "
         "dense peak RSS MB | speed-up |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
