@@ -157,7 +157,9 @@ def fit_subset(
     if isinstance(params, MflParams):
         mode = params.resolve_mode(n)
         graph = (
-            _graph(X, params.k, params.exact_max_n, seed, progress) if mode == "sparse" else None
+            _graph(X, params.k, params.graph_exact_max_n, seed, progress)
+            if mode == "sparse"
+            else None
         )
         info = _graph_info(graph, time.perf_counter() - started) if graph is not None else {}
         info["mode"] = mode
@@ -165,7 +167,7 @@ def fit_subset(
     if isinstance(params, TwoStageParams):
         if confidence is None:
             raise InvalidRequest("two-stage vote-k needs an LLM confidence function")
-        graph = _graph(X, params.k, params.exact_max_n, seed, progress)
+        graph = _graph(X, params.k, params.graph_exact_max_n, seed, progress)
         info = _graph_info(graph, time.perf_counter() - started)
         two = two_stage_votek(
             graph,
@@ -187,7 +189,7 @@ def fit_subset(
         )
         return Fitted(list(two.picks), info)
     if isinstance(params, VoteKParams):
-        graph = _graph(X, params.k, params.exact_max_n, seed, progress)
+        graph = _graph(X, params.k, params.graph_exact_max_n, seed, progress)
         info = _graph_info(graph, time.perf_counter() - started)
         result = fast_votek(
             graph, budget, rho=params.rho, reference_compat=params.reference_compat, rng=rng
@@ -195,7 +197,7 @@ def fit_subset(
         info["random_fill"] = result.random_fill
         return Fitted(list(result.picks), info)
     if isinstance(params, IdealParams):
-        graph = _graph(X, params.k, params.exact_max_n, seed, progress)
+        graph = _graph(X, params.k, params.graph_exact_max_n, seed, progress)
         info = _graph_info(graph, time.perf_counter() - started)
         ideal = ideal_greedy(
             graph,

@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
-from selection.graph import KnnGraph
+from selection.graph import GRAPH_EXACT_MAX_N, KnnGraph
 from selection.jit import njit
 
 __all__ = [
@@ -542,11 +542,11 @@ class MflParams(BaseModel):
         le=1000,
         description="Neighbours per item of the kNN graph used by the sparse mode.",
     )
-    exact_max_n: int = Field(
-        120_000,
+    graph_exact_max_n: int = Field(
+        GRAPH_EXACT_MAX_N,
         ge=0,
-        description="Largest pool given an exact kNN graph in the sparse mode; bigger pools "
-        "use IVF with measured recall.",
+        description="Largest pool given an exact kNN graph; bigger pools use IVF with "
+        "measured recall.",
     )
 
     def resolve_mode(self, n: int) -> Literal["exact", "sparse"]:

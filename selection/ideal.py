@@ -31,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
-from selection.graph import KnnGraph
+from selection.graph import GRAPH_EXACT_MAX_N, KnnGraph
 from selection.jit import njit
 
 __all__ = [
@@ -951,4 +951,10 @@ class IdealParams(BaseModel):
         DEFAULT_EXACT_MAX_N,
         ge=0,
         description='Largest pool for which method="auto" uses CELF; larger pools use RIS.',
+    )
+    graph_exact_max_n: int = Field(
+        GRAPH_EXACT_MAX_N,
+        ge=0,
+        description="Largest pool given an exact kNN graph; bigger pools use IVF with "
+        "measured recall.",
     )

@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
-from selection.graph import KnnGraph
+from selection.graph import GRAPH_EXACT_MAX_N, KnnGraph
 from selection.jit import njit
 
 ConfidenceFn = Callable[[list[int], list[int]], NDArray[np.float64]]
@@ -468,8 +468,8 @@ class VoteKParams(BaseModel):
         description="Reproduce the reference code's float64 choices instead of the exact "
         "canonical ones (parity runs on small pools; O(M*N*k)).",
     )
-    exact_max_n: int = Field(
-        120_000,
+    graph_exact_max_n: int = Field(
+        GRAPH_EXACT_MAX_N,
         ge=0,
         description="Largest pool given an exact kNN graph; bigger pools use IVF with "
         "measured recall.",

@@ -469,7 +469,7 @@ SUBSET = {
     "name": "hard",
     "method": "votek",
     "budget": 25,
-    "params": {"k": 15, "rho": 10.0, "reference_compat": False, "exact_max_n": 20000},
+    "params": {"k": 15, "rho": 10.0, "reference_compat": False, "graph_exact_max_n": 20000},
     "seed": 7,
     "status": "ready",
     "job": "s1",
