@@ -5,8 +5,6 @@ subset of 100, export it, label it, and retrieve demonstrations only from it.
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,19 +15,6 @@ from tests.e2e.server import Server
 from tests.fakes.upstream import FakeUpstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, FakeUpstream, Path]]:
-    root = tmp_path_factory.mktemp("subset-walk")
-    with FakeUpstream(models=["fake-model"]) as upstream:
-        server = Server(root / "data", upstream)
-        server.start()
-        try:
-            yield server, upstream, root
-        finally:
-            server.stop()
-            shutil.rmtree(root / "data", ignore_errors=True)
 
 
 def test_votek_annotate_retrieve(served: tuple[Server, FakeUpstream, Path]) -> None:

