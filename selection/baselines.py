@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from selection.graph import GRAPH_EXACT_MAX_N, KnnGraph
+from selection.heap import sift_down
 from selection.jit import njit
 
 __all__ = [
@@ -343,32 +344,6 @@ def _sparse_gain(
 
 
 @njit
-def _before(ga: float, ia: int, gb: float, ib: int) -> bool:
-    """Heap order: larger gain first, then lower position."""
-    return ga > gb or (ga == gb and ia < ib)
-
-
-@njit
-def _sift_down(hg: NDArray[np.float64], hi: NDArray[np.int64], pos: int, size: int) -> None:
-    g = hg[pos]
-    i = hi[pos]
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            break
-        right = child + 1
-        if right < size and _before(hg[right], hi[right], hg[child], hi[child]):
-            child = right
-        if not _before(hg[child], hi[child], g, i):
-            break
-        hg[pos] = hg[child]
-        hi[pos] = hi[child]
-        pos = child
-    hg[pos] = g
-    hi[pos] = i
-
-
-@njit
 def _sparse_celf(
     nbr: NDArray[np.int32],
     indptr: NDArray[np.int64],
@@ -392,7 +367,7 @@ def _sparse_celf(
         hi[j] = j
     size = n
     for pos in range(n // 2 - 1, -1, -1):
-        _sift_down(hg, hi, pos, size)
+        sift_down(hg, hi, size, pos)
     picks = np.empty(m, dtype=np.int64)
     for t in range(m):
         while True:
@@ -401,13 +376,13 @@ def _sparse_celf(
                 break
             hg[0] = _sparse_gain(top, indptr, voters, vsim, best)
             fresh[top] = t
-            _sift_down(hg, hi, 0, size)
+            sift_down(hg, hi, size, 0)
         picks[t] = top
         size -= 1
         hg[0] = hg[size]
         hi[0] = hi[size]
         if size > 0:
-            _sift_down(hg, hi, 0, size)
+            sift_down(hg, hi, size, 0)
         best[top] = 2.0
         for e in range(indptr[top], indptr[top + 1]):
             v = voters[e]

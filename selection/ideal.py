@@ -32,6 +32,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from selection.graph import GRAPH_EXACT_MAX_N, KnnGraph
+from selection.heap import sift_down
 from selection.jit import njit
 
 __all__ = [
@@ -276,32 +277,6 @@ def _cover(
 
 
 @njit
-def _before(ga: int, va: int, gb: int, vb: int) -> bool:
-    # Heap order: larger gain first, then the lower position (the canonical tie-break, 0.3).
-    return ga > gb or (ga == gb and va < vb)
-
-
-@njit
-def _sift_down(hg: NDArray[np.int64], hv: NDArray[np.int32], size: int, i: int) -> None:
-    g = hg[i]
-    v = hv[i]
-    while True:
-        c = 2 * i + 1
-        if c >= size:
-            break
-        if c + 1 < size and _before(hg[c + 1], hv[c + 1], hg[c], hv[c]):
-            c += 1
-        if _before(hg[c], hv[c], g, v):
-            hg[i] = hg[c]
-            hv[i] = hv[c]
-            i = c
-        else:
-            break
-    hg[i] = g
-    hv[i] = v
-
-
-@njit
 def _celf_pick(
     hg: NDArray[np.int64],
     hv: NDArray[np.int32],
@@ -329,12 +304,12 @@ def _celf_pick(
             if n > 0:
                 hg[0] = hg[n]
                 hv[0] = hv[n]
-                _sift_down(hg, hv, n, 0)
+                sift_down(hg, hv, n, 0)
             return v, g, evals
         hg[0] = _gain(v, ptr, idx, covered, stamp, epoch, queue)
         fresh[v] = step
         evals += 1
-        _sift_down(hg, hv, size[0], 0)
+        sift_down(hg, hv, size[0], 0)
 
 
 def world_spread(

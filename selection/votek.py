@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from selection.graph import GRAPH_EXACT_MAX_N, KnnGraph
+from selection.heap import before
 from selection.jit import njit
 
 ConfidenceFn = Callable[[list[int], list[int]], NDArray[np.float64]]
@@ -610,12 +611,6 @@ def _apply_pick(
 
 
 @njit
-def _before(s1: float, r1: int, s2: float, r2: int) -> bool:
-    """Heap order: higher score first, then lower π rank."""
-    return s1 > s2 or (s1 == s2 and r1 < r2)
-
-
-@njit
 def _heap_push(
     hs: NDArray[np.float64], hr: NDArray[np.int64], size: NDArray[np.int64], s: float, r: int
 ) -> None:
@@ -623,7 +618,7 @@ def _heap_push(
     size[0] += 1
     while i > 0:
         parent = (i - 1) // 2
-        if not _before(s, r, hs[parent], hr[parent]):
+        if not before(s, r, hs[parent], hr[parent]):
             break
         hs[i] = hs[parent]
         hr[i] = hr[parent]
@@ -648,9 +643,9 @@ def _heap_pop(
             child = 2 * i + 1
             if child >= n:
                 break
-            if child + 1 < n and _before(hs[child + 1], hr[child + 1], hs[child], hr[child]):
+            if child + 1 < n and before(hs[child + 1], hr[child + 1], hs[child], hr[child]):
                 child += 1
-            if not _before(hs[child], hr[child], s, r):
+            if not before(hs[child], hr[child], s, r):
                 break
             hs[i] = hs[child]
             hr[i] = hr[child]
