@@ -1,0 +1,1 @@
+"""The selection-quality harness: datasets, the protocol, metrics and reports."""
