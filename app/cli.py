@@ -1227,6 +1227,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run the quality protocol (app/evaluation)."""
+    from app.evaluation.command import run
+
+    return run(args, ["iclserve", *sys.argv[1:]])
+
+
 def _add_connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     # Accepted before the command (`iclserve --url U pools list`) and after it
     # (`iclserve pools list --url U`). After it, an absent option must not reset the value
@@ -1285,6 +1292,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (ICLSERVE_HOST)")
     serve.add_argument("--port", type=int, help="port (ICLSERVE_PORT)")
     serve.add_argument("--data-dir", help="data directory (ICLSERVE_DATA_DIR)")
+
+    evaluate = _add_command(
+        commands,
+        "eval",
+        cmd_eval,
+        "measure the accuracy each selector buys on a labeled dataset, through this "
+        "service's /v1/chat/completions (see benchmarks/QUALITY.md)",
+        client=False,
+    )
+    from app.evaluation.command import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluate)
 
     pools_parser = commands.add_parser("pools", help="manage example pools")
     pools = pools_parser.add_subparsers(dest="pools_command", metavar="COMMAND", required=True)
