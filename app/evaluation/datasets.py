@@ -262,17 +262,23 @@ def load_bigbench(archive: Path, task: str) -> Dataset:
     the label set is the union of the answer options.
     """
     member_name = f"bigbench/benchmark_tasks/{task}{BIGBENCH_MEMBER_SUFFIX}"
-    raw_archive = archive.read_bytes()
-    with tarfile.open(fileobj=io.BytesIO(raw_archive), mode="r:*") as tar:
-        member = next(
-            (m for m in tar.getmembers() if m.isfile() and m.name.endswith(member_name)), None
-        )
-        if member is None:
-            raise DatasetError(f"{archive.name} has no {member_name}")
-        extracted = tar.extractfile(member)
-        if extracted is None:
-            raise DatasetError(f"cannot read {member.name}")
-        spec = json.loads(extracted.read().decode("utf-8"))
+    digest = hashlib.sha256()
+    with archive.open("rb") as fh:  # the archive is hundreds of MB: hash it in blocks
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    spec: Any = None
+    with tarfile.open(archive, mode="r:*") as tar:
+        for member in tar:  # streamed: stop at the task instead of listing every member
+            if member.isfile() and (
+                member.name == member_name or member.name.endswith("/" + member_name)
+            ):
+                extracted = tar.extractfile(member)
+                if extracted is None:
+                    raise DatasetError(f"cannot read {member.name}")
+                spec = json.loads(extracted.read().decode("utf-8"))
+                break
+    if spec is None:
+        raise DatasetError(f"{archive.name} has no {member_name}")
     pairs: list[tuple[str, str, str]] = []
     options: set[str] = set()
     for n, example in enumerate(spec.get("examples", [])):
@@ -296,7 +302,7 @@ def load_bigbench(archive: Path, task: str) -> Dataset:
         or "Answer with one of: " + ", ".join(labels) + ".",
         source=f"{archive.name}: {member_name}",
         licence="Apache-2.0 (BIG-bench)",
-        checksums={archive.name: _sha256(raw_archive)},
+        checksums={archive.name: digest.hexdigest()},
     )
 
 
