@@ -22,6 +22,7 @@ from typing import Any
 __all__ = ["add_arguments", "main", "run"]
 
 STAND_IN_MODEL = "stand-in"
+STAND_IN_CONCURRENCY = 4
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -95,8 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency",
         type=_positive,
-        default=1,
-        help="calls in flight (1: a local model serves one at a time, and timings stay per call)",
+        help="calls in flight (default 1: a local model serves one at a time, and timings stay "
+        "per call; 4 with --stand-in)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="keep the answers already in OUT/answers.jsonl"
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         ease_validation=args.ease_validation,
         ease_budget=args.ease_budget,
         max_tokens=args.max_tokens,
-        concurrency=args.concurrency,
+        concurrency=args.concurrency or (STAND_IN_CONCURRENCY if args.stand_in else 1),
         configs=set(args.configs) if args.configs else None,
         stand_in=args.stand_in,
     )

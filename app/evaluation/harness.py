@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from app.cli import ApiError, Client
+from app.cli import ApiError, Client, Unreachable
 from app.evaluation.datasets import Dataset, Item
 from app.evaluation.metrics import map_answer
 
@@ -62,6 +62,9 @@ CONFIG_ORDER = (
     "ease",
 )
 JOB_POLL_S = 0.5
+CHAT_ATTEMPTS = 4
+CHAT_RETRY_WAIT_S = 2.0
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 SERVER_START_S = 300.0
 
 
@@ -295,8 +298,18 @@ class Api:
         return found
 
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        answer: dict[str, Any] = self.client.call("POST", "/v1/chat/completions", body=body)
-        return answer
+        """One chat completion; a transient failure is retried a few times, then raised (the
+        run stops, and `--resume` goes on from the answers already recorded)."""
+        for attempt in range(CHAT_ATTEMPTS):
+            try:
+                answer: dict[str, Any] = self.client.call("POST", "/v1/chat/completions", body=body)
+                return answer
+            except (ApiError, Unreachable) as exc:
+                transient = isinstance(exc, Unreachable) or exc.status in TRANSIENT_STATUSES
+                if not transient or attempt == CHAT_ATTEMPTS - 1:
+                    raise
+                time.sleep(CHAT_RETRY_WAIT_S * 2**attempt)
+        raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------
