@@ -521,7 +521,7 @@ def _follow_job(
         _out(str(job_id))
         return 0
     try:
-        final = _wait_for_job(
+        final = wait_for_job(
             client,
             job,
             wait_timeout=args.wait_timeout,
@@ -556,7 +556,7 @@ def _follow_job(
     return None
 
 
-def _wait_for_job(
+def wait_for_job(
     client: Client,
     job: dict[str, Any],
     *,

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from app.cli import ApiError, Client, Unreachable
+from app.cli import ApiError, Client, Unreachable, wait_for_job
 from app.evaluation.datasets import Dataset, Item
 from app.evaluation.metrics import map_answer
 
@@ -61,7 +61,8 @@ CONFIG_ORDER = (
     "subsets",
     "ease",
 )
-JOB_POLL_S = 0.5
+# A preset search against a slow local model can take an hour.
+JOB_WAIT_S = 6 * 3600.0
 CHAT_ATTEMPTS = 4
 CHAT_RETRY_WAIT_S = 2.0
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -254,12 +255,14 @@ class Api:
         self.client = Client(url, key=key, timeout=1800.0)
 
     def wait_job(self, job: dict[str, Any], what: str) -> dict[str, Any]:
-        while job.get("status") not in {"succeeded", "failed", "cancelled"}:
-            time.sleep(JOB_POLL_S)
-            job = self.client.call("GET", f"/v1/jobs/{job['id']}")
-        if job["status"] != "succeeded":
-            raise RuntimeError(f"{what}: job {job['id']} {job['status']}: {job.get('error')}")
-        return job
+        final = wait_for_job(self.client, job, wait_timeout=JOB_WAIT_S, progress=False, desc=what)
+        if final is None:
+            raise RuntimeError(f"{what}: job {job['id']} still running after {JOB_WAIT_S:g} s")
+        if final.get("status") != "succeeded":
+            raise RuntimeError(
+                f"{what}: job {job['id']} {final.get('status')}: {final.get('error')}"
+            )
+        return final
 
     def upload(self, pool: str, rows: list[dict[str, Any]]) -> None:
         with contextlib.suppress(ApiError):
