@@ -1207,7 +1207,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -1372,7 +1372,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("subset", metavar="NAME", help="subset name")
     create.add_argument("--method", required=True, choices=SUBSET_METHODS, help="algorithm")
     create.add_argument(
-        "--budget", required=True, type=_positive_int, help="how many examples to choose"
+        "--budget", required=True, type=positive_int, help="how many examples to choose"
     )
     create.add_argument(
         "--param",
@@ -1441,7 +1441,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=PRESET_METHODS, default="ease", help="search (default: ease)"
     )
     pcreate.add_argument("--model", required=True, help="upstream model that answers")
-    pcreate.add_argument("--k", type=_positive_int, help="demonstrations (default: 5)")
+    pcreate.add_argument("--k", type=positive_int, help="demonstrations (default: 5)")
     where = pcreate.add_mutually_exclusive_group()
     where.add_argument(
         "--validation-pool",
@@ -1456,13 +1456,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pcreate.add_argument(
         "--validation-limit",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="validation rows to draw from the pool (default: 20)",
     )
     pcreate.add_argument(
         "--budget",
-        type=_positive_int,
+        type=positive_int,
         help="most validation LLM calls (default: 165 evaluations of the validation set)",
     )
     pcreate.add_argument(
@@ -1480,14 +1480,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pcreate.add_argument("--seed", type=_non_negative_int, help="seed (default: 0)")
     pcreate.add_argument(
-        "--concurrency", type=_positive_int, help="LLM calls in flight (default: 4)"
+        "--concurrency", type=positive_int, help="LLM calls in flight (default: 4)"
     )
     pcreate.add_argument("--subset", help="take the candidates from this subset")
     pcreate.add_argument(
-        "--bank-size", type=_positive_int, help="most candidate examples (default: 100)"
+        "--bank-size", type=positive_int, help="most candidate examples (default: 100)"
     )
     pcreate.add_argument(
-        "--max-tokens", type=_positive_int, help="max_tokens of each answer (default: 64)"
+        "--max-tokens", type=positive_int, help="max_tokens of each answer (default: 64)"
     )
     pcreate.add_argument(
         "--no-wait",
@@ -1532,7 +1532,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     select.add_argument("name", metavar="NAME", help="pool name")
     select.add_argument("query", metavar="QUERY", help="the query text")
-    select.add_argument("-k", type=_positive_int, help="number of demonstrations")
+    select.add_argument("-k", type=positive_int, help="number of demonstrations")
     select.add_argument(
         "--method",
         choices=("knn", "mmr", "balanced", "random"),
@@ -1541,7 +1541,7 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument(
         "--lambda", dest="mmr_lambda", type=float, help="mmr: relevance/diversity trade-off"
     )
-    select.add_argument("--fetch-k", type=_positive_int, help="mmr: candidates to rerank")
+    select.add_argument("--fetch-k", type=positive_int, help="mmr: candidates to rerank")
     select.add_argument(
         "--order",
         choices=("nearest_last", "nearest_first", "random", "as_selected"),

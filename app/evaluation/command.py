@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from app.cli import positive_int
+
 __all__ = ["add_arguments", "main", "run"]
 
 STAND_IN_MODEL = "stand-in"
@@ -35,16 +37,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError("expected one or more non-negative integers")
     return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("expected a positive integer")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,19 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "starting one; it gets eval-* pools, replaced on every run. Key: $ICLSERVE_API_KEY",
     )
     parser.add_argument("--out", default="quality-results", help="output folder")
-    parser.add_argument("--test-size", type=_positive, default=200, help="test items (200)")
-    parser.add_argument("--pool-size", type=_positive, default=3000, help="labeled pool (3000)")
+    parser.add_argument("--test-size", type=positive_int, default=200, help="test items (200)")
+    parser.add_argument("--pool-size", type=positive_int, default=3000, help="labeled pool (3000)")
     parser.add_argument(
-        "--unlabeled-size", type=_positive, default=3000, help="unlabeled pool per seed (3000)"
+        "--unlabeled-size", type=positive_int, default=3000, help="unlabeled pool per seed (3000)"
     )
-    parser.add_argument("--k", type=_positive, default=4, help="demonstrations per prompt (4)")
+    parser.add_argument("--k", type=positive_int, default=4, help="demonstrations per prompt (4)")
     parser.add_argument("--budgets", type=_int_list, default=(18, 100), help="18,100")
     parser.add_argument("--seeds", type=_int_list, default=(0, 1, 2), help="0,1,2")
     parser.add_argument(
-        "--ease-seeds", type=_positive, help="run EASE on the first N seeds only (a search each)"
+        "--ease-seeds", type=positive_int, help="run EASE on the first N seeds only (a search each)"
     )
-    parser.add_argument("--ease-validation", type=_positive, default=10, help="validation rows")
-    parser.add_argument("--ease-budget", type=_positive, default=120, help="validation calls")
+    parser.add_argument("--ease-validation", type=positive_int, default=10, help="validation rows")
+    parser.add_argument("--ease-budget", type=positive_int, default=120, help="validation calls")
     parser.add_argument(
         "--config",
         action="append",
@@ -92,10 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "knn_first, mmr, balanced, subsets, subset_random, subset_votek, subset_ideal, "
         "subset_<method>_<budget>, ease",
     )
-    parser.add_argument("--max-tokens", type=_positive, default=10, help="answer length (10)")
+    parser.add_argument("--max-tokens", type=positive_int, default=10, help="answer length (10)")
     parser.add_argument(
         "--concurrency",
-        type=_positive,
+        type=positive_int,
         help="calls in flight (default 1: a local model serves one at a time, and timings stay "
         "per call; 4 with --stand-in)",
     )
