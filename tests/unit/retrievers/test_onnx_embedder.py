@@ -1,0 +1,164 @@
+"""The ONNX Runtime embedder against its reference, `SentenceTransformer.encode` (through
+`SentenceTransformerEmbedder`), on the real packaged all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retrievers.onnx_embedder as onnx_module
+from retrievers.onnx_embedder import OnnxEmbedder, UnsupportedModel, model_layout
+from retrievers.sentence_transformer import (
+    DEFAULT_MODEL_NAME,
+    SentenceTransformerEmbedder,
+    packaged_model_path,
+)
+from tests.datasets import topic_rows
+
+TOLERANCE = 1e-5
+"""Largest difference allowed per component; measured differences are about 3e-7."""
+
+TEXTS = [
+    *(r["input"] for r in topic_rows(120)),
+    "",
+    " ",
+    "a",
+    "UPPER and lower Case",
+    "accents: café, naïve, Zürich; emoji 🎉🚀; CJK 日本語のテキスト",
+    "tabs\tand\nnewlines\r\n",
+    "word " * 600,  # truncated at the model's 256 tokens
+    "x" * 5000,
+    "{input} {{output}} %s ${HOME} <script>",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="module")
+def onnx(cache_dir: Path) -> OnnxEmbedder:
+    emb = OnnxEmbedder(cache_dir=cache_dir, batch_size=16)
+    emb.open()
+    return emb
+
+
+@pytest.fixture(scope="module")
+def reference() -> SentenceTransformerEmbedder:
+    emb = SentenceTransformerEmbedder()
+    emb.open()
+    return emb
+
+
+def test_matches_sentence_transformers(
+    onnx: OnnxEmbedder, reference: SentenceTransformerEmbedder
+) -> None:
+    assert onnx.name == reference.name == DEFAULT_MODEL_NAME
+    assert onnx.dim == reference.dim == 384
+    got, want = onnx.embed(TEXTS), reference.embed(TEXTS)
+    assert got.dtype == np.float32 and got.shape == (len(TEXTS), 384)
+    assert np.abs(got - want).max() <= TOLERANCE
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+
+
+def test_batching_and_order_do_not_change_rows(onnx: OnnxEmbedder) -> None:
+    whole = onnx.embed(TEXTS)
+    one_by_one = np.concatenate([onnx.embed([t]) for t in TEXTS])
+    assert np.abs(whole - one_by_one).max() <= TOLERANCE
+    perm = np.random.default_rng(0).permutation(len(TEXTS))
+    shuffled = onnx.embed([TEXTS[i] for i in perm])
+    assert np.abs(shuffled - whole[perm]).max() <= TOLERANCE
+    assert onnx.embed([]).shape == (0, 384)
+
+
+def test_concurrent_calls_agree_with_serial(onnx: OnnxEmbedder) -> None:
+    want = onnx.embed(TEXTS)
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        results[i] = onnx.embed(TEXTS[i::4])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(4):
+        assert np.abs(results[i] - want[i::4]).max() <= TOLERANCE
+
+
+def test_second_open_reads_the_cached_graph(
+    onnx: OnnxEmbedder, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = list(cache_dir.glob("*.onnx"))
+    assert len(files) == 1 and files[0].stat().st_size > 1_000_000
+    assert not list(cache_dir.glob("*.tmp"))
+
+    def no_export(path: Path) -> bytes:
+        raise AssertionError("exported again despite the cache")
+
+    monkeypatch.setattr(onnx_module, "export_onnx", no_export)
+    again = OnnxEmbedder(cache_dir=cache_dir)
+    again.open()
+    np.testing.assert_array_equal(again.embed(TEXTS[:5]), onnx.embed(TEXTS[:5]))
+
+
+def test_unwritable_cache_still_works(tmp_path: Path, onnx: OnnxEmbedder) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    emb = OnnxEmbedder(cache_dir=blocker / "cache")
+    emb.open()
+    assert np.abs(emb.embed(TEXTS[:3]) - onnx.embed(TEXTS[:3])).max() <= TOLERANCE
+
+
+def test_constructor_does_not_load() -> None:
+    emb = OnnxEmbedder("some/dir", batch_size=8, threads=1)
+    assert not emb.loaded and emb.name == "some/dir" and emb.threads == 1
+    with pytest.raises(ValueError):
+        OnnxEmbedder(batch_size=0)
+
+
+def _copy_model(tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(packaged_model_path(), target)
+    return target
+
+
+def test_layout_of_the_packaged_model() -> None:
+    assert model_layout(packaged_model_path()) == {
+        "pooling": "mean",
+        "normalize": True,
+        "max_length": 256,
+    }
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["no_modules", "no_tokenizer", "max_pooling", "extra_module", "not_a_dir"],
+)
+def test_unsupported_layouts_are_refused(tmp_path: Path, damage: str) -> None:
+    model = _copy_model(tmp_path)
+    if damage == "no_modules":
+        (model / "modules.json").unlink()
+    elif damage == "no_tokenizer":
+        (model / "tokenizer.json").unlink()
+    elif damage == "max_pooling":
+        cfg_path = model / "1_Pooling" / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["pooling_mode_mean_tokens"] = False
+        cfg["pooling_mode_max_tokens"] = True
+        cfg_path.write_text(json.dumps(cfg))
+    elif damage == "extra_module":
+        modules = json.loads((model / "modules.json").read_text())
+        modules.append({"idx": 9, "name": "9", "path": "9_Dense", "type": "Dense"})
+        (model / "modules.json").write_text(json.dumps(modules))
+    else:
+        model = tmp_path / "missing"
+    with pytest.raises(UnsupportedModel):
+        OnnxEmbedder(str(model), cache_dir=tmp_path / "c").open()
