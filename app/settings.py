@@ -75,12 +75,53 @@ class EmbeddingSettings(BaseModel):
         "(kind=openai). Default: the packaged all-MiniLM-L6-v2 (offline).",
     )
     device: str = "cpu"
+    backend: Literal["auto", "onnx", "torch"] = Field(
+        "auto",
+        description="kind=sentence_transformers: run the model with ONNX Runtime (fast on CPU) "
+        "or PyTorch. auto: ONNX on CPU when the model's layout allows it, else PyTorch.",
+    )
+    threads: int | None = Field(
+        None, ge=1, le=256, description="ONNX Runtime threads per forward pass (CPU count)."
+    )
+    onnx_cache_dir: Path | None = Field(
+        None,
+        description="Where exported ONNX graphs are kept (default: ~/.cache/iclserve/onnx; "
+        "the export takes a few seconds once per model).",
+    )
     batch_size: int = Field(64, ge=1, le=4096, description="Texts per embedding batch.")
+    max_query_batch: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Concurrent query embeddings run as one batch, at most this many texts.",
+    )
     base_url: str | None = Field(None, description="kind=openai: base URL including /v1.")
     api_key: SecretStr | None = None
     dim: int = Field(256, ge=8, le=8192, description="kind=hash: vector dimension.")
     timeout: float = Field(60.0, gt=0, description="kind=openai: seconds per request.")
     cache_size: int = Field(4096, ge=0, description="Query-embedding LRU entries (0 = off).")
+
+
+class IndexSettings(BaseModel):
+    """How a pool version's vectors are searched."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["auto", "flat", "hnsw"] = Field(
+        "auto",
+        description="flat: exact scan. hnsw: approximate graph search, exact re-rank. "
+        "auto: flat below ann_min_size labeled examples, hnsw from there on.",
+    )
+    ann_min_size: int = Field(
+        20_000,
+        ge=1,
+        description="kind=auto: pools with at least this many labeled examples use HNSW.",
+    )
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW links per vector.")
+    hnsw_ef_construction: int = Field(64, ge=8, le=2048, description="HNSW build width.")
+    hnsw_ef_search: int = Field(
+        256, ge=8, le=4096, description="HNSW search width (recall against speed)."
+    )
 
 
 class Limits(BaseModel):
@@ -132,6 +173,7 @@ class Settings(BaseSettings):
 
     upstreams: list[Upstream] = Field(default_factory=list)
     embedding: EmbeddingSettings = EmbeddingSettings()
+    index: IndexSettings = IndexSettings()
     limits: Limits = Limits()
     default_k: int = Field(4, ge=1)
     upload_workers: int = Field(1, ge=1, le=4, description="Concurrent embedding jobs.")

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from app.settings import IndexSettings
 from retrievers.faiss_index import FlatIPIndex
+from retrievers.hnsw_index import HNSWIPIndex
 from selection.base import NO_LABEL, CandidateRequest, Candidates
 
 
@@ -28,10 +30,31 @@ class MemberLabels:
     labels: list[str | None]
 
 
+SearchIndex = FlatIPIndex | HNSWIPIndex
+
+
+def build_index(
+    ids: NDArray[np.int64], vectors: NDArray[np.float32], settings: IndexSettings
+) -> SearchIndex:
+    """The index `settings` choose for these vectors: exact, or HNSW for large pools."""
+    use_graph = settings.kind == "hnsw" or (
+        settings.kind == "auto" and ids.shape[0] >= settings.ann_min_size
+    )
+    if not use_graph or ids.shape[0] == 0:
+        return FlatIPIndex.build(ids, vectors)
+    return HNSWIPIndex.build(
+        ids,
+        vectors,
+        m=settings.hnsw_m,
+        ef_construction=settings.hnsw_ef_construction,
+        ef_search=settings.hnsw_ef_search,
+    )
+
+
 @dataclass(slots=True)
 class _LazyIndexes:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    per_label: dict[int, FlatIPIndex] = field(default_factory=dict)
+    per_label: dict[int, SearchIndex] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +69,8 @@ class PoolSnapshot:
     labeled_mask: NDArray[np.bool_]
     label_codes: NDArray[np.int32]
     label_names: tuple[str, ...]
-    index: FlatIPIndex
+    index: SearchIndex
+    index_settings: IndexSettings
     _lazy: _LazyIndexes = field(default_factory=_LazyIndexes, repr=False)
 
     @staticmethod
@@ -58,6 +82,7 @@ class PoolSnapshot:
         dim: int,
         members: MemberLabels,
         vectors: NDArray[np.float32],
+        index_settings: IndexSettings | None = None,
     ) -> PoolSnapshot:
         if vectors.shape != (members.ids.shape[0], dim):
             raise ValueError(
@@ -72,8 +97,9 @@ class PoolSnapshot:
             count=len(members.labels),
         )
         labeled_pos = np.flatnonzero(members.labeled).astype(np.intp)
-        index = FlatIPIndex.build(
-            members.ids[labeled_pos], np.ascontiguousarray(vectors[labeled_pos])
+        index_settings = index_settings or IndexSettings()
+        index = build_index(
+            members.ids[labeled_pos], np.ascontiguousarray(vectors[labeled_pos]), index_settings
         )
         return PoolSnapshot(
             pool=pool,
@@ -87,6 +113,7 @@ class PoolSnapshot:
             label_codes=codes,
             label_names=tuple(names),
             index=index,
+            index_settings=index_settings,
         )
 
     @property
@@ -124,12 +151,14 @@ class PoolSnapshot:
             labels=self.label_codes[pos],
         )
 
-    def _label_index(self, code: int) -> FlatIPIndex:
+    def _label_index(self, code: int) -> SearchIndex:
         with self._lazy.lock:
             index = self._lazy.per_label.get(code)
             if index is None:
                 pos = self.labeled_pos[self.label_codes[self.labeled_pos] == code]
-                index = FlatIPIndex.build(self.ids[pos], np.ascontiguousarray(self.vectors[pos]))
+                index = build_index(
+                    self.ids[pos], np.ascontiguousarray(self.vectors[pos]), self.index_settings
+                )
                 self._lazy.per_label[code] = index
             return index
 

@@ -41,6 +41,7 @@ from app.db import Database
 from app.errors import Conflict, InvalidRequest, NotFound, UnprocessableUpload
 from app.faults import fault_point
 from app.ingest import ExampleRecord
+from app.settings import IndexSettings
 from app.snapshot import MemberLabels, PoolSnapshot
 from app.templates import Template
 from app.vectorfiles import read_vectors, write_vectors
@@ -155,8 +156,11 @@ def _row_to_example(row: sqlite3.Row) -> ExampleRow:
 
 
 class PoolStore:
-    def __init__(self, data_dir: Path, *, max_pools: int = 1000) -> None:
+    def __init__(
+        self, data_dir: Path, *, max_pools: int = 1000, index: IndexSettings | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.index_settings = index or IndexSettings()
         self.vectors_dir = data_dir / "vectors"
         self.max_pools = max_pools
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -589,6 +593,7 @@ class PoolStore:
             dim=dim,
             members=self._members(conn, pool, version),
             vectors=vectors,
+            index_settings=self.index_settings,
         )
 
     def _reuse_vectors(
@@ -633,6 +638,16 @@ class PoolStore:
                 snapshot, _ = self._reuse_vectors(conn, prow, of=version, as_version=version)
             self._swap(snapshot)
             return snapshot
+
+    def load_snapshots(self) -> int:
+        """Load every pool's active version now; returns how many were loaded.
+
+        Called at startup, so that the first request to a large pool does not pay for
+        reading its vectors and building its index.
+        """
+        with self.db.read() as conn:
+            names = [r[0] for r in conn.execute("SELECT name FROM pools WHERE active_version > 0")]
+        return sum(self.snapshot(name) is not None for name in names)
 
     # --------------------------------------------------------------------------- reading
 
