@@ -401,6 +401,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _err(f"error: cannot read settings: {exc}")
         return 2
 
+    from app.threads import configure_threads
+
+    configure_threads()  # before app.server loads FAISS and ONNX Runtime
     try:
         from app.server import serve
     except ModuleNotFoundError as exc:

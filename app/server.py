@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import uvicorn
 
 from app.main import create_app
 from app.settings import Settings
-
-
-def configure_threads() -> None:
-    # Two cores: one intra-op thread pool sized to them, not one per library per request.
-    cores = str(len(os.sched_getaffinity(0)))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, cores)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from app.threads import configure_threads
 
 
 def serve(settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 
@@ -17,15 +18,20 @@ from app.settings import PACKAGED_MODEL_NAME, EmbeddingSettings, Settings
 from app.store import PoolStore
 from app.subsets import SubsetStore
 from retrievers.base import Embedder
+from retrievers.batching import BatchingEmbedder
 from retrievers.cache import CachedEmbedder
 from retrievers.hashing import HashingEmbedder
+from retrievers.onnx_embedder import OnnxEmbedder, UnsupportedModel, default_cache_dir, model_layout
 from retrievers.sentence_transformer import SentenceTransformerEmbedder
 
 log = logging.getLogger("iclserve")
 
 
-def open_embedder(config: EmbeddingSettings) -> Embedder:
-    """Build and load the configured embedder (blocking: loads model weights)."""
+def open_embedder(config: EmbeddingSettings, *, onnx_cache_dir: Path | None = None) -> Embedder:
+    """Build and load the configured embedder (blocking: loads model weights).
+
+    `onnx_cache_dir` overrides where exported ONNX graphs are kept (tests share one).
+    """
     if config.kind == "hash":
         return HashingEmbedder(dim=config.dim)
     if config.kind == "openai":
@@ -42,14 +48,45 @@ def open_embedder(config: EmbeddingSettings) -> Embedder:
         )
         remote.open()
         return remote
-    local = SentenceTransformerEmbedder(
+    local = _local_embedder(config, cache_dir=onnx_cache_dir)
+    local.open()
+    # The first forward pass pays one-off setup (allocations, kernel choice); do it here,
+    # not in a request.
+    local.embed(["warm-up"])
+    log.info(
+        "embedder %s loaded (dim %d, %s)",
+        local.name or PACKAGED_MODEL_NAME,
+        local.dim,
+        type(local).__name__,
+    )
+    return local
+
+
+def _local_embedder(
+    config: EmbeddingSettings, *, cache_dir: Path | None
+) -> OnnxEmbedder | SentenceTransformerEmbedder:
+    """ONNX Runtime on CPU when the model allows it (backend auto/onnx), else PyTorch."""
+    torch_model = SentenceTransformerEmbedder(
         model=config.model, device=config.device, batch_size=config.batch_size
     )
-    local.open()
-    # The first forward pass pays torch's one-off setup; do it here, not in a request.
-    local.embed(["warm-up"])
-    log.info("embedder %s loaded (dim %d)", local.name or PACKAGED_MODEL_NAME, local.dim)
-    return local
+    if config.backend == "torch" or (config.backend == "auto" and config.device != "cpu"):
+        return torch_model
+    onnx_model = OnnxEmbedder(
+        model=config.model,
+        batch_size=config.batch_size,
+        threads=config.threads,
+        cache_dir=cache_dir or config.onnx_cache_dir or default_cache_dir(),
+    )
+    if config.backend == "onnx":
+        return onnx_model
+    try:
+        if config.model is not None:
+            model_layout(Path(config.model))
+        import onnxruntime  # noqa: F401
+    except (UnsupportedModel, ImportError) as exc:
+        log.info("embedding with PyTorch: %s", exc)
+        return torch_model
+    return onnx_model
 
 
 @dataclass
@@ -71,12 +108,20 @@ class Services:
     async def open(cls, settings: Settings, *, embedder: Embedder | None = None) -> Services:
         metrics = Metrics()
         store = await anyio.to_thread.run_sync(
-            lambda: PoolStore(settings.data_dir, max_pools=settings.limits.max_pools)
+            lambda: PoolStore(
+                settings.data_dir, max_pools=settings.limits.max_pools, index=settings.index
+            )
         )
         resume = await anyio.to_thread.run_sync(store.recover)
+        loaded = await anyio.to_thread.run_sync(store.load_snapshots)
+        if loaded:
+            log.info("loaded %d published pool(s)", loaded)
         if embedder is None:
             embedder = await anyio.to_thread.run_sync(open_embedder, settings.embedding)
-        query_embedder = CachedEmbedder(embedder, settings.embedding.cache_size)
+        query_embedder = CachedEmbedder(
+            BatchingEmbedder(embedder, settings.embedding.max_query_batch),
+            settings.embedding.cache_size,
+        )
         metrics.bind(store, query_embedder)
         pipeline = Pipeline(
             store,
