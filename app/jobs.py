@@ -118,12 +118,15 @@ def upload_handler(store: PoolStore, embedder: Embedder, *, batch_size: int) -> 
         try:
             ids, texts = store.staged_rows(job_id)
             vectors = np.empty((len(texts), embedder.dim), dtype=np.float32)
+            # Batches of similar length pad little: the whole upload is sorted by length
+            # first, as sentence-transformers' encode does, not each batch on its own.
+            by_length = np.argsort([len(t) for t in texts], kind="stable")
             for start in range(0, len(texts), batch_size):
                 if should_stop():
                     # Left 'running': recovery requeues it on the next start.
                     raise JobCancelled("server is shutting down; the job resumes on restart")
-                batch = texts[start : start + batch_size]
-                vectors[start : start + len(batch)] = embedder.embed(batch)
+                batch = by_length[start : start + batch_size]
+                vectors[batch] = embedder.embed([texts[i] for i in batch])
                 if not store.progress(job_id, start + len(batch)):
                     raise JobCancelled("cancelled")
             fault_point("embedded")

@@ -113,7 +113,7 @@ class IndexSettings(BaseModel):
         "auto: flat below ann_min_size labeled examples, hnsw from there on.",
     )
     ann_min_size: int = Field(
-        20_000,
+        5_000,
         ge=1,
         description="kind=auto: pools with at least this many labeled examples use HNSW.",
     )

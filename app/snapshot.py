@@ -156,9 +156,9 @@ class PoolSnapshot:
             index = self._lazy.per_label.get(code)
             if index is None:
                 pos = self.labeled_pos[self.label_codes[self.labeled_pos] == code]
-                index = build_index(
-                    self.ids[pos], np.ascontiguousarray(self.vectors[pos]), self.index_settings
-                )
+                # Exact, not `build_index`: these are built on a request's path, and an HNSW
+                # build there would take seconds on a large label.
+                index = FlatIPIndex.build(self.ids[pos], np.ascontiguousarray(self.vectors[pos]))
                 self._lazy.per_label[code] = index
             return index
 
