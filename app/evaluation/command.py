@@ -92,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "per call; 4 with --stand-in)",
     )
     parser.add_argument(
+        "--no-prefix-order",
+        action="store_true",
+        help="ask the test items in their own order (default: sorted by the demonstrations "
+        "they get, so that a prefix-caching server reuses shared prompt prefixes)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="keep the answers already in OUT/answers.jsonl"
     )
     parser.add_argument(
@@ -187,6 +193,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         ease_budget=args.ease_budget,
         max_tokens=args.max_tokens,
         concurrency=args.concurrency or (STAND_IN_CONCURRENCY if args.stand_in else 1),
+        prefix_order=not args.no_prefix_order,
         configs=set(args.configs) if args.configs else None,
         stand_in=args.stand_in,
     )

@@ -163,6 +163,9 @@ class EvalSettings:
     ease_params: dict[str, Any] = field(default_factory=dict)
     max_tokens: int = 10
     concurrency: int = 1
+    # Ask in the order of each query's demonstrations, so that consecutive prompts share their
+    # longest prefix and a server with a prefix (KV) cache evaluates only what is new.
+    prefix_order: bool = True
     configs: set[str] | None = None
     stand_in: bool = False
     split_seed: int = 0
@@ -300,6 +303,11 @@ class Api:
         found: dict[str, Any] = self.client.call("GET", f"/v1/pools/{pool}/presets/{name}")
         return found
 
+    def select(self, pool: str, body: dict[str, Any]) -> list[int]:
+        """The demonstration ids, in prompt order, that a query gets (the dry run)."""
+        found = self.client.call("POST", f"/v1/pools/{pool}/select", body=body)
+        return [int(demo["id"]) for demo in found["demonstrations"]]
+
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """One chat completion; a transient failure is retried a few times, then raised (the
         run stops, and `--resume` goes on from the answers already recorded)."""
@@ -375,6 +383,38 @@ class Recorder:
 Progress = Callable[[str, int, int], None]
 
 
+def _icl_for(
+    config: Configuration, icl: dict[str, Any] | None, seed: int, index: int
+) -> dict[str, Any] | None:
+    if icl is None or not config.seeded:
+        return icl
+    return {**icl, "seed": seed * 1_000_003 + index}
+
+
+def prefix_order(
+    api: Api,
+    config: Configuration,
+    seed: int,
+    todo: list[tuple[int, Item]],
+    icl: dict[str, Any] | None,
+) -> list[tuple[int, Item]]:
+    """`todo` sorted by the demonstrations each query will get, in prompt order.
+
+    Consecutive prompts then share their longest common prefix (the instruction and the
+    leading demonstrations), which a server with a prefix cache, such as llama.cpp's, does
+    not evaluate again. The answers do not depend on the order; only the time does.
+    """
+    if icl is None or config.preset:
+        return todo  # zero-shot and presets: every prompt already has the same prefix
+    keys: dict[int, list[int]] = {}
+    for n, item in todo:
+        spec = _icl_for(config, icl, seed, n)
+        assert spec is not None
+        body = {name: value for name, value in spec.items() if name != "pool"}
+        keys[n] = api.select(spec["pool"], {**body, "query": item.text})
+    return sorted(todo, key=lambda pair: (keys[pair[0]], pair[0]))
+
+
 def _ask(
     api: Api,
     settings: EvalSettings,
@@ -395,8 +435,9 @@ def _ask(
         "temperature": 0,
         "max_tokens": settings.max_tokens,
     }
-    if icl is not None:
-        body["icl"] = {**icl, "seed": seed * 1_000_003 + index} if config.seeded else icl
+    chosen = _icl_for(config, icl, seed, index)
+    if chosen is not None:
+        body["icl"] = chosen
     started = time.perf_counter()
     answer = api.chat(body)
     latency = time.perf_counter() - started
@@ -442,6 +483,8 @@ def _answer_all(
     if not todo:
         return
     started = time.perf_counter()
+    if settings.prefix_order:
+        todo = prefix_order(api, config, seed, todo, icl)
     with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
         futures = [
             pool.submit(_ask, api, settings, dataset, config, seed, n, item, icl)

@@ -8,6 +8,7 @@ iclserve, and every output says "stand-in".
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -187,3 +188,44 @@ def test_stand_in_command_writes_table_json_and_chart(tmp_path: Path) -> None:
     assert by_name["knn_last"]["accuracy"] > by_name["random"]["accuracy"]
     png = (out / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_prefix_order_groups_shared_demonstrations_without_changing_answers(
+    dataset: Any, upstream: ScriptedUpstream, tmp_path: Path
+) -> None:
+    records = {}
+    for ordered in (True, False):
+        settings = _settings("answer-key", upstream)
+        settings.configs = {"knn_last", "random", "subset_votek_6"}
+        settings.seeds = (0,)
+        settings.concurrency = 1
+        settings.prefix_order = ordered
+        answers = run_protocol(settings, [dataset], tmp_path / str(ordered), log=lambda _: None)
+        records[ordered] = [
+            r for r in map(json.loads, answers.read_text().splitlines()) if r["type"] == "answer"
+        ]
+    for config in settings.configs:
+        asked = [r for r in records[True] if r["config"] == config]
+        plain = [r for r in records[False] if r["config"] == config]
+        # the same prompts and answers for every item, asked in another order
+        assert sorted((r["key"], r["demonstrations"], r["answer"]) for r in asked) == sorted(
+            (r["key"], r["demonstrations"], r["answer"]) for r in plain
+        ), config
+        assert [r["index"] for r in plain] == sorted(r["index"] for r in plain)
+        sequence = [r["demonstrations"] for r in asked]
+        assert sequence == sorted(sequence), config
+        shared = sum(_shared_prefix(a, b) for a, b in itertools.pairwise(sequence))
+        unsorted = [r["demonstrations"] for r in plain]
+        assert shared >= sum(_shared_prefix(a, b) for a, b in itertools.pairwise(unsorted))
+    # six demonstrations to draw from: sorting must make consecutive prompts share a prefix
+    subset = [r["demonstrations"] for r in records[True] if r["config"] == "subset_votek_6"]
+    assert sum(_shared_prefix(a, b) for a, b in itertools.pairwise(subset)) >= len(subset) - 6
