@@ -265,13 +265,18 @@ async def load(
     warmup_requests: int = 0,
     timeout_s: float = 60.0,
     on_phase: Callable[[str], None] | None = None,
+    check: Callable[[Reply], str | None] | None = None,
+    rate: float | None = None,
 ) -> LoadResult:
     """Closed-loop load: `concurrency` connections until `duration_s` or `max_requests`.
 
     Warm-up runs until `warmup_s` seconds or `warmup_requests` requests, whichever comes first
     (a zero bound is unused; both zero: no warm-up). `on_phase("measure_start")` and
     `on_phase("measure_end")` are called around the measured phase (for example to sample the
-    server's CPU time).
+    server's CPU time). `check(reply)` reads every 2xx reply (bodies are kept when it is
+    given) and returns None or what is wrong with it; a wrong reply counts as an error of
+    kind "check", not as a latency. `rate` caps the requests started per second across all
+    connections (None: as fast as the replies come back).
     """
     if not raws:
         raise ValueError("no requests to send")
@@ -282,7 +287,14 @@ async def load(
     clock = time.perf_counter
     warm_start = clock()
     warming = warmup_s > 0 or warmup_requests > 0
-    state: dict[str, Any] = {"next": 0, "warming": warming, "t0": 0.0, "end": 0.0, "last": 0.0}
+    state: dict[str, Any] = {
+        "next": 0,
+        "warming": warming,
+        "t0": 0.0,
+        "end": 0.0,
+        "last": 0.0,
+        "slot": warm_start,
+    }
 
     def begin_measure(now: float) -> None:
         state["warming"] = False
@@ -307,6 +319,11 @@ async def load(
                         begin_measure(now)
                 if not state["warming"] and (now >= state["end"] or result.started >= max_requests):
                     return
+                if rate is not None:
+                    slot = max(now, state["slot"])
+                    state["slot"] = slot + 1.0 / rate
+                    if slot > now:
+                        await asyncio.sleep(slot - now)
                 recorded = not state["warming"]
                 if recorded:
                     result.started += 1
@@ -318,7 +335,7 @@ async def load(
                     async with asyncio.timeout(timeout_s):
                         if conn is None or not conn.reusable:
                             conn = await Connection.open(host, port)
-                        reply = await conn.request(raw)
+                        reply = await conn.request(raw, keep_body=check is not None)
                 except (OSError, TimeoutError, ProtocolError) as exc:
                     if conn is not None:
                         conn.close()
@@ -332,6 +349,12 @@ async def load(
                     continue
                 if recorded:
                     state["last"] = clock()
+                    wrong = (
+                        check(reply) if check is not None and 200 <= reply.status < 300 else None
+                    )
+                    if wrong is not None:
+                        result._error("check", ValueError(wrong))
+                        continue
                     result.statuses[reply.status] += 1
                     if 200 <= reply.status < 300:
                         result.latencies_ms.append(reply.total_s * 1e3)
