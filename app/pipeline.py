@@ -24,6 +24,7 @@ from app.store import ExampleRow, PoolSettings, PoolStore
 from app.subsets import SubsetStore
 from app.templates import Demo, Template, render_chat, render_chat_demos, render_text
 from retrievers.base import Embedder
+from retrievers.cache import CachedEmbedder
 from selection.base import Candidates, SelectionContext
 from selection.ordering import OrderName, build_orderer
 from selection.specs import PresetSpec, SelectorSpec, SubsetSpec
@@ -46,7 +47,10 @@ class SelectParams(BaseModel):
         "computed.",
     )
     seed: int | None = Field(
-        None, description="Seed for random strategies; default derived from the request."
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="Seed for random strategies; default derived from the request.",
     )
     template: Template | None = Field(None, description="Overrides of the pool's template.")
 
@@ -275,4 +279,8 @@ class Pipeline:
         )
 
     async def select(self, pool: str, query: str, params: SelectParams) -> Selection:
+        if isinstance(self.embedder, CachedEmbedder) and query in self.embedder:
+            # Only the embedding is worth a worker thread: with it cached, the search, the
+            # selection and the row lookup take less time than the hop to a thread and back.
+            return self.select_sync(pool, query, params)
         return await anyio.to_thread.run_sync(self.select_sync, pool, query, params)

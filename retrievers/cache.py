@@ -50,6 +50,11 @@ class CachedEmbedder:
         with self._lock:
             return len(self._rows)
 
+    def __contains__(self, text: object) -> bool:
+        """Whether `text` is cached now (a peek: counters and recency are left alone)."""
+        with self._lock:
+            return self.capacity > 0 and text in self._rows
+
     def clear(self) -> None:
         """Forget every cached row; counters are kept."""
         with self._lock:

@@ -25,6 +25,27 @@ _EXTRA = 32
 _MAX_EXTRA = 16_384
 """Widest a scan grows past `n` to settle ties at the cut (bounds memory per query)."""
 
+PARALLEL_MIN_QUERIES = 16
+"""Fewer queries than this are searched on the calling thread alone."""
+
+
+def search_index(index: Any, queries: NDArray[np.float32], k: int, params: Any = None) -> Any:
+    """`index.search(queries, k, params=params)`, single-threaded for a few queries.
+
+    FAISS splits even one query's scan across its OpenMP threads. For the few short scans
+    of a request, waking the sleeping workers costs more than the scan: 5 ms instead of
+    0.8 ms for one query over 2,000 vectors on 2 cores. `omp_set_num_threads` sets the
+    calling thread's own OpenMP setting, so other threads (a batch in a job) keep theirs.
+    """
+    if queries.shape[0] >= PARALLEL_MIN_QUERIES:
+        return index.search(queries, k, params=params)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k, params=params)
+    finally:
+        faiss.omp_set_num_threads(before)
+
 
 class FlatIPIndex:
     """Exact inner-product search: `faiss.IndexIDMap2(faiss.IndexFlatIP(dim))`.
@@ -43,8 +64,8 @@ class FlatIPIndex:
     index that nobody mutates. `add` and `remove` must not overlap with anything else. The
     app therefore builds one index per pool version (`FlatIPIndex.build`) and never mutates
     an index that readers can reach; a new version gets a new index.
-    FAISS parallelises a batch of queries with OpenMP across all cores; a single query runs on
-    one thread.
+    FAISS parallelises a batch of queries with OpenMP across all cores; fewer than
+    `PARALLEL_MIN_QUERIES` queries run on the calling thread (`search_index`).
     """
 
     def __init__(self, dim: int) -> None:
@@ -150,7 +171,7 @@ class FlatIPIndex:
         window can reach the n-th exact score: whatever FAISS left out scanned at most the
         window's last score, so it is at most that plus `slack` exactly.
         """
-        scan_scores, scan_ids = self._index.search(queries, window, params=params)
+        scan_scores, scan_ids = search_index(self._index, queries, window, params)
         top_scores, top_ids = rank_rows(self._rescore(queries, scan_ids), scan_ids, n)
         exhausted = (scan_ids[:, -1] == PAD_ID) | (window >= self.count())
         below = scan_scores[:, -1].astype(np.float64) + slack < top_scores[:, -1]

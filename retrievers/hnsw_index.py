@@ -30,6 +30,7 @@ from retrievers.exact import (
     matrix_dim,
     rank_rows,
 )
+from retrievers.faiss_index import search_index
 
 _EXTRA = 32
 """Candidates fetched past `n` and re-ranked exactly, so that near-ties at the cut settle."""
@@ -122,7 +123,7 @@ class HNSWIPIndex:
         window = min(self._nodes, n + _EXTRA + stale)
         params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in the stubs
         params.efSearch = max(self.ef_search, window)
-        _, found = self._index.search(queries, window, params=params)
+        _, found = search_index(self._index, queries, window, params)
         if stale:
             found = np.where(np.isin(found, self._hidden), PAD_ID, found)
             found = _drop_repeats(found)

@@ -376,3 +376,28 @@ def test_huge_tie_block_still_returns_valid_results() -> None:
         scores, NumpyExactIndex.build(ids, np.repeat(v, ids.size, axis=0)).search(v, 10)[0]
     )
     assert np.all(np.diff(got[0]) > 0)
+
+
+def test_few_queries_search_single_threaded_and_leave_the_thread_setting() -> None:
+    import faiss
+
+    from retrievers.faiss_index import PARALLEL_MIN_QUERIES, FlatIPIndex, search_index
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((500, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = FlatIPIndex.build(np.arange(500), vectors)
+    before = faiss.omp_get_max_threads()
+    seen: list[int] = []
+
+    class Probe:
+        def search(self, queries: np.ndarray, k: int, params: object = None) -> int:
+            seen.append(faiss.omp_get_max_threads())
+            return k
+
+    search_index(Probe(), vectors[:1], 3)
+    search_index(Probe(), vectors[:PARALLEL_MIN_QUERIES], 3)
+    assert seen == [1, before]
+    assert faiss.omp_get_max_threads() == before
+    one_by_one = [index.search(vectors[i : i + 1], 5)[1][0] for i in range(20)]
+    assert np.array_equal(np.stack(one_by_one), index.search(vectors[:20], 5)[1])
