@@ -6,10 +6,11 @@ import hmac
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import Forbidden, Unauthorized
+from app.errors import Forbidden, ICLServeError, Unauthorized
 from app.services import Services
-
 
 # The dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency in a
 # worker thread, and two thread hops per request cost more than everything they do.
@@ -57,16 +58,63 @@ def caller_role(request: Request, services: Services) -> Literal["admin", "clien
     raise Unauthorized("invalid API key", code="invalid_api_key")
 
 
-async def require_client(request: Request, services: ServicesDep) -> str:
+# Declares the bearer scheme in the OpenAPI document (and so in /docs); it checks nothing, and
+# it never raises: caller_role checks the key, including the no-keys mode.
+_bearer_scheme = HTTPBearer(
+    scheme_name="bearer",
+    description="An admin or a client key: `Authorization: Bearer <key>`.",
+    auto_error=False,
+)
+BearerDoc = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)]
+
+
+async def require_client(request: Request, services: ServicesDep, _: BearerDoc) -> str:
     return caller_role(request, services)
 
 
-async def require_admin(request: Request, services: ServicesDep) -> str:
+async def require_admin(request: Request, services: ServicesDep, _: BearerDoc) -> str:
     role = caller_role(request, services)
     if role != "admin":
-        raise Forbidden("this route needs an admin key", code="admin_required")
+        raise _admin_required()
     return role
+
+
+def _admin_required() -> Forbidden:
+    return Forbidden("this route needs an admin key", code="admin_required")
 
 
 ClientAuth = Depends(require_client)
 AdminAuth = Depends(require_admin)
+
+
+def required_role(dependant: Dependant) -> Literal["admin", "client"] | None:
+    """The key a route needs, from its dependencies (however deep); None for open routes."""
+    found: Literal["admin", "client"] | None = None
+    for dependency in dependant.dependencies:
+        if dependency.call is require_admin:
+            return "admin"
+        role = "client" if dependency.call is require_client else required_role(dependency)
+        if role == "admin":
+            return "admin"
+        found = found or role
+    return found
+
+
+def key_refusal(request: Request) -> ICLServeError | None:
+    """The 401 or 403 the matched route's key check gives this request, or None if it passes.
+
+    For error handlers: FastAPI decodes a JSON body before it runs the dependencies, so a
+    broken body is reported before the key is checked, unless the handler asks here first.
+    """
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    services = getattr(request.state, "services", None)
+    if not isinstance(dependant, Dependant) or not isinstance(services, Services):
+        return None
+    needed = required_role(dependant)
+    if needed is None:
+        return None
+    try:
+        role = caller_role(request, services)
+    except ICLServeError as exc:
+        return exc
+    return _admin_required() if needed == "admin" and role != "admin" else None

@@ -1,20 +1,70 @@
-"""HTTP plumbing: error rendering, body-size cap, request metrics."""
+"""HTTP plumbing: error rendering and its OpenAPI declaration, body-size cap, request metrics."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.deps import key_refusal
 from app.errors import ICLServeError, PayloadTooLarge
 
 log = logging.getLogger("iclserve.http")
+
+
+class ErrorDetail(BaseModel):
+    """The `error` object of every error answer (the OpenAI shape)."""
+
+    # A 422 upload error adds `rows` and `bad_rows`.
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str
+    param: str | None = Field(description="The request field at fault, when there is one.")
+    code: str | None = Field(description="A stable machine-readable reason, when there is one.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer of the API."""
+
+    error: ErrorDetail
+
+
+ERROR_MEANINGS: Final[dict[int, str]] = {
+    400: "Invalid request: a bad parameter or body, named in `error.param` when it can be.",
+    401: "No API key, or an unknown one.",
+    403: "A client key on an admin route.",
+    404: "Not found.",
+    409: "A conflict: e.g. a pool with no published version yet, or a stale subset.",
+    413: "The body, or what it holds, is larger than the server's limits.",
+    422: "Bad rows: `error.rows` lists the first ones (line and reason); nothing was stored.",
+    429: "Rate limited by the upstream; `Retry-After` says when to try again.",
+    502: "The upstream failed.",
+    503: "Not ready, or the upstream is unavailable.",
+    504: "The upstream timed out.",
+    507: "The server's disk is full; nothing was stored.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for these error statuses, in the OpenAI error shape."""
+    return {code: {"model": ErrorResponse, "description": ERROR_MEANINGS[code]} for code in codes}
+
+
+def model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema for a route's `openapi_extra` request body.
+
+    Its nested models stay under `$defs`, referenced as components; app.main moves them into
+    the document's components.
+    """
+    return model.model_json_schema(ref_template="#/components/schemas/{model}")
 
 
 def error_response(exc: ICLServeError) -> JSONResponse:
@@ -37,7 +87,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A caller without the route's key learns nothing about how its request was parsed.
+        refusal = key_refusal(request)
+        if refusal is not None:
+            return error_response(refusal)
         message, param = _describe(list(exc.errors()))
         return JSONResponse(
             {

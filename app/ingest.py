@@ -15,6 +15,8 @@ reported as one more row entry; the position inside the text is then given in th
 The work is bounded by the upload's size: the body cap is checked before decoding, parsing
 stops once more rows than allowed are seen, CSV cells, CSV columns, JSONL lines, JSON array
 elements and metadata have their own caps, and deep nesting is reported instead of crashing.
+A file that may hold more rows than allowed is first counted without validating its rows; if
+it does, that alone is reported (the row past the cap), without the bad rows before it.
 Nothing is evaluated.
 """
 
@@ -124,7 +126,7 @@ def detect_format(content_type: str | None, filename: str | None) -> UploadForma
 
 
 def parse_upload(
-    data: bytes,
+    data: bytes | bytearray,
     *,
     fmt: UploadFormat,
     limits: Limits,
@@ -203,11 +205,14 @@ class _Builder:
         """Count one more row; past the cap, report it and stop the parse."""
         self.rows_seen += 1
         if self.rows_seen > self.limits.max_rows_per_upload:
-            self.error(
-                line,
-                f"too many rows: an upload may hold at most {self.limits.max_rows_per_upload} rows",
-            )
+            self.too_many_rows(line)
             raise _Fatal
+
+    def too_many_rows(self, line: int) -> None:
+        self.error(
+            line,
+            f"too many rows: an upload may hold at most {self.limits.max_rows_per_upload} rows",
+        )
 
     def add(
         self,
@@ -400,7 +405,7 @@ def _show(text: str, limit: int = 60) -> str:
 # --- decoding --------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, builder: _Builder) -> str | None:
+def _decode(data: bytes | bytearray, builder: _Builder) -> str | None:
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         # str(memoryview) decodes without first copying the (possibly 64 MB) body.
@@ -469,11 +474,15 @@ def _record_char_limit(limits: Limits) -> int:
 # --- JSONL -----------------------------------------------------------------------------------
 
 
-def _lines(text: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line) without materialising all lines at once.
+_NOT_BLANK = re.compile(r"[^ \t\r]")
 
-    Only "\\n" (and "\\r\\n") end a line: str.splitlines would also split on characters such
-    as U+2028 that may legally appear inside JSON strings.
+
+def _lines(text: str) -> Iterator[tuple[int, int, int]]:
+    """(1-based line number, start, end) of each line with content, in `text`.
+
+    `end` leaves out the line's "\\n" or "\\r\\n". Only these end a line: str.splitlines
+    would also split on characters such as U+2028 that may legally appear inside JSON
+    strings. Nothing is copied, so that an over-long line can be refused by its length.
     """
     pos, number, size = 0, 0, len(text)
     while pos < size:
@@ -481,24 +490,39 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
         if end == -1:
             end = size
         number += 1
-        line = text[pos:end]
-        pos = end + 1
-        yield number, line[:-1] if line.endswith("\r") else line
+        start, pos = pos, end + 1
+        if end > start and text[end - 1] == "\r":
+            end -= 1
+        if _NOT_BLANK.search(text, start, end) is not None:
+            yield number, start, end
+
+
+def _jsonl_over_cap(text: str, builder: _Builder) -> bool:
+    """Report the first row past the row cap, found without validating the rows before it."""
+    for rows, (number, _, _) in enumerate(_lines(text), start=1):
+        if rows > builder.limits.max_rows_per_upload:
+            builder.too_many_rows(number)
+            return True
+    return False
 
 
 def _parse_jsonl(text: str, builder: _Builder) -> None:
+    # Validating a row costs some twenty times more than finding it: millions of tiny rows
+    # are refused by a first pass that only counts, instead of after validating the rows up
+    # to the cap (seconds at the default cap). Fewer lines than the cap need no such pass.
+    if text.count("\n") >= builder.limits.max_rows_per_upload and _jsonl_over_cap(text, builder):
+        return
     max_chars = _record_char_limit(builder.limits)
     try:
-        for number, line in _lines(text):
-            if not line.strip(" \t\r"):
-                continue
+        for number, start, end in _lines(text):
             builder.count_row(number)
-            if len(line) > max_chars:
+            if end - start > max_chars:
                 builder.error(
                     number,
-                    f"line is {len(line)} characters long; one record may be at most {max_chars}",
+                    f"line is {end - start} characters long; one record may be at most {max_chars}",
                 )
                 continue
+            line = text[start:end]
             nul = line.find("\x00")
             if nul != -1:
                 builder.error(number, f"NUL character at column {nul + 1}")
@@ -562,12 +586,38 @@ def _parse_json(text: str, builder: _Builder) -> None:
     """A top-level array or {"examples": [...]}, decoded one element at a time.
 
     Element-wise decoding locates a syntax error at its element and lets the row cap stop the
-    parse without decoding the rest of the document.
+    parse without decoding the rest of the document. As for JSONL, a document that may hold
+    more elements than the cap (elements are separated by commas) is first only counted, so
+    that millions of tiny elements are refused without validating the first ones.
     """
+    cap = builder.limits.max_rows_per_upload
+    if text.count(",") >= cap:
+        counter = _Builder(limits=builder.limits, label_from_output=builder.label_from_output)
+        decoded = _walk_json(text, counter, validate=False)
+        if counter.rows_seen > cap:
+            builder.too_many_rows(counter.rows_seen)
+            return
+        if counter.bad_rows:
+            # The document breaks after `decoded` elements: validate those, then report the
+            # break as found. Same report as one full pass, without decoding twice the
+            # (possibly huge) element that broke it.
+            if decoded:
+                _walk_json(text, builder, validate=True, stop_after=decoded)
+            for row in counter.reported:
+                builder.error(row["line"], row["reason"])
+            return
+    _walk_json(text, builder, validate=True)
+
+
+def _walk_json(
+    text: str, builder: _Builder, *, validate: bool, stop_after: int | None = None
+) -> int:
+    """Walk the document's elements (validating them if asked); the number decoded whole."""
     size = len(text)
     pos = _skip_ws(text, 0)
     if pos == size:
-        return  # empty: reported as "no examples"
+        return 0  # empty: reported as "no examples"
+    decoded = 0
 
     def where(p: int) -> str:
         return _position(text, p)
@@ -621,7 +671,11 @@ def _parse_json(text: str, builder: _Builder) -> None:
                     ) from None
                 except (ValueError, RecursionError, _JSONRejected) as exc:
                     raise fatal(index, _json_reason(exc, text, where=where)) from None
-                builder.add_mapping(obj, index)
+                decoded = index
+                if validate:
+                    builder.add_mapping(obj, index)
+                if index == stop_after:
+                    return decoded
                 pos = _skip_ws(text, pos)
                 if text.startswith(",", pos):
                     pos = _skip_ws(text, pos + 1)
@@ -639,6 +693,7 @@ def _parse_json(text: str, builder: _Builder) -> None:
             raise fatal(max(index, 1), f"invalid JSON: extra data at {where(pos)}")
     except _Fatal:
         pass
+    return decoded
 
 
 # --- CSV -------------------------------------------------------------------------------------
@@ -651,6 +706,10 @@ def _parse_csv(text: str, builder: _Builder) -> None:
     with _CSV_LOCK:
         previous = csv.field_size_limit(cell_limit)
         try:
+            # As for JSONL (a record may span lines, so the line count is an upper bound).
+            cap = builder.limits.max_rows_per_upload
+            if text.count("\n") + text.count("\r") >= cap:
+                _csv_over_cap(text, builder)
             _parse_csv_rows(text, builder, cell_limit)
         except _Fatal:
             pass
@@ -688,6 +747,33 @@ def _csv_lines(text: str) -> Iterator[str]:
         if outside >= _CSV_MAX_LINE_CELLS:
             raise _TooManyCells
         yield line
+
+
+def _csv_over_cap(text: str, builder: _Builder) -> None:
+    """Report the first row past the row cap (raising _Fatal), without validating rows.
+
+    Returns quietly when the rows fit, or when the file is broken before the cap: the full
+    parse then reports that.
+    """
+    reader = csv.reader(_csv_lines(text), strict=True)
+    header = False
+    rows = 0
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except (StopIteration, csv.Error, _TooManyCells):
+            return
+        if not any(row):
+            continue
+        if not header:
+            _csv_header(row, line, builder)  # a bad header stops here, as in the full parse
+            header = True
+            continue
+        rows += 1
+        if rows > builder.limits.max_rows_per_upload:
+            builder.too_many_rows(line)
+            raise _Fatal
 
 
 def _parse_csv_rows(text: str, builder: _Builder, cell_limit: int) -> None:

@@ -166,7 +166,9 @@ class PresetCreate(BaseModel):
         max_length=MAX_INSTRUCTIONS,
         description="Candidate instructions (system messages); the search picks one.",
     )
-    seed: int = Field(0, ge=0, description="Seed of the validation draw and the search.")
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="Seed of the validation draw and the search."
+    )
     concurrency: int = Field(4, ge=1, le=64, description="Validation calls in flight at most.")
     subset: str | None = Field(
         None, pattern=SET_NAME_PATTERN, description="Take the bank from this ready subset."

@@ -66,7 +66,9 @@ class SubsetCreate(BaseModel):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Method parameters; see the method's documentation."
     )
-    seed: int = Field(0, ge=0, description="Seed of every random draw the method makes.")
+    seed: int = Field(
+        0, ge=0, le=2**63 - 1, description="Seed of every random draw the method makes."
+    )
 
 
 class TwoStageVoteKParams(TwoStageParams):

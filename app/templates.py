@@ -28,6 +28,7 @@ __all__ = [
     "TemplateField",
     "render_chat",
     "render_chat_demos",
+    "render_instruction",
     "render_text",
     "render_text_prefix",
 ]
@@ -186,8 +187,11 @@ def _render(template: Template, field: TemplateField, values: Mapping[str, str])
     return _fill(_compile(text or "", field), values)
 
 
-def _instruction(template: Template) -> str:
-    # An empty instruction counts as none: no empty system message, no leading separator.
+def render_instruction(template: Template) -> str:
+    """The instruction as rendered ("{{" and "}}" become braces); "" when there is none.
+
+    An empty instruction counts as none: no empty system message, no leading separator.
+    """
     return _render(template, "instruction", {}) if template.instruction else ""
 
 
@@ -208,7 +212,7 @@ def render_chat(t: Template, demos: Sequence[Demo], query: str) -> list[dict[str
     {output} and {label} are empty.
     """
     messages: list[dict[str, str]] = []
-    instruction = _instruction(t)
+    instruction = render_instruction(t)
     if instruction:
         messages.append({"role": "system", "content": instruction})
     messages.extend(render_chat_demos(t, demos))
@@ -224,7 +228,7 @@ def render_text_prefix(t: Template, demos: Sequence[Demo]) -> str:
     `render_text(t, demos, q) == render_text_prefix(t, demos) + <t.query rendered for q>`,
     so the prefix can go in front of a client's own completions prompt.
     """
-    blocks = [_instruction(t)] if t.instruction else []
+    blocks = [render_instruction(t)] if t.instruction else []
     blocks.extend(_render(t, "example", _demo_values(demo)) for demo in demos)
     if not blocks:
         return ""

@@ -1,12 +1,19 @@
-"""Liveness, readiness and metrics (open: no key needed)."""
+"""Liveness, readiness and metrics (open: no key needed).
+
+These three routes are public on purpose: container health checks and Prometheus scrapers
+call them without a key. What they show is not secret: status, the embedder's name, and
+request/job/pool counters (which name pools, never keys or example text).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.http import error_responses
 
 router = APIRouter(tags=["operations"])
 
@@ -17,7 +24,7 @@ async def healthz() -> Any:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=error_responses(503))
 async def readyz(request: Request) -> Any:
     """The store is open and the embedder is loaded."""
     services = getattr(request.state, "services", None)
@@ -39,7 +46,7 @@ async def readyz(request: Request) -> Any:
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     services = request.state.services

@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from app.deps import AdminAuth, ServicesDep
+from app.http import error_responses
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[AdminAuth])
 
+JobId = Annotated[str, Path(min_length=1, max_length=64, description="Job id.")]
 
-@router.get("/jobs/{job_id}")
-async def get_job(job_id: str, services: ServicesDep) -> Any:
+
+@router.get("/jobs/{job_id}", responses=error_responses(404))
+async def get_job(job_id: JobId, services: ServicesDep) -> Any:
     """A job's status and progress."""
     return await anyio.to_thread.run_sync(services.store.job, job_id)
 
@@ -29,7 +32,7 @@ async def list_jobs(
     return {"object": "list", "data": jobs}
 
 
-@router.delete("/jobs/{job_id}")
-async def cancel_job(job_id: str, services: ServicesDep) -> Any:
+@router.delete("/jobs/{job_id}", responses=error_responses(404, 409))
+async def cancel_job(job_id: JobId, services: ServicesDep) -> Any:
     """Cancel a queued or running job."""
     return await anyio.to_thread.run_sync(services.store.cancel_job, job_id)

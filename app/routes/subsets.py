@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
 
 from app.deps import AdminAuth, ClientAuth, ServicesDep
+from app.http import error_responses
 from app.pipeline import POOL_NAME_PATTERN
 from app.subsets import SubsetCreate
 from selection.fixed import SET_NAME_PATTERN
@@ -19,7 +20,12 @@ PoolName = Annotated[str, Path(pattern=POOL_NAME_PATTERN, description="Pool name
 SubsetName = Annotated[str, Path(pattern=SET_NAME_PATTERN, description="Subset name.")]
 
 
-@router.post("/pools/{pool}/subsets", status_code=202, dependencies=[AdminAuth])
+@router.post(
+    "/pools/{pool}/subsets",
+    status_code=202,
+    dependencies=[AdminAuth],
+    responses=error_responses(404, 409),
+)
 async def create_subset(pool: PoolName, body: SubsetCreate, services: ServicesDep) -> Any:
     """Start a job that computes a subset; resubmitting a name replaces its subset."""
     subset = await anyio.to_thread.run_sync(services.subsets.create, pool, body)
@@ -29,13 +35,15 @@ async def create_subset(pool: PoolName, body: SubsetCreate, services: ServicesDe
     return JSONResponse({"job": job, "subset": subset}, status_code=202)
 
 
-@router.get("/pools/{pool}/subsets", dependencies=[ClientAuth])
+@router.get("/pools/{pool}/subsets", dependencies=[ClientAuth], responses=error_responses(404))
 async def list_subsets(pool: PoolName, services: ServicesDep) -> Any:
     """List a pool's subsets (without their ids)."""
     return {"object": "list", "data": await anyio.to_thread.run_sync(services.subsets.list, pool)}
 
 
-@router.get("/pools/{pool}/subsets/{name}", dependencies=[ClientAuth])
+@router.get(
+    "/pools/{pool}/subsets/{name}", dependencies=[ClientAuth], responses=error_responses(404, 409)
+)
 async def get_subset(
     pool: PoolName,
     name: SubsetName,
@@ -58,7 +66,9 @@ async def get_subset(
     return await anyio.to_thread.run_sync(read)
 
 
-@router.delete("/pools/{pool}/subsets/{name}", dependencies=[AdminAuth])
+@router.delete(
+    "/pools/{pool}/subsets/{name}", dependencies=[AdminAuth], responses=error_responses(404)
+)
 async def delete_subset(pool: PoolName, name: SubsetName, services: ServicesDep) -> Any:
     """Delete a subset (cancelling its job if it is still computing)."""
     await anyio.to_thread.run_sync(services.subsets.delete, pool, name)
