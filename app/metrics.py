@@ -6,10 +6,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from app.llm.client import UpstreamClient
     from app.store import PoolStore
     from retrievers.cache import CachedEmbedder
 
@@ -43,6 +44,38 @@ class _StoreCollector(Collector):
         cache.add_metric(["hit"], self.cache.hits)
         cache.add_metric(["miss"], self.cache.misses)
         yield cache
+
+
+class _BreakerCollector(Collector):
+    """Circuit-breaker state of each upstream, read when Prometheus scrapes."""
+
+    def __init__(self, upstream: UpstreamClient) -> None:
+        self.upstream = upstream
+
+    def collect(self) -> Iterator[Metric]:
+        breakers = sorted(self.upstream.breakers.items())
+        state = GaugeMetricFamily(
+            "iclserve_upstream_breaker_state",
+            "Circuit breaker per upstream: 0 closed, 1 half-open, 2 open",
+            labels=["upstream"],
+        )
+        refused = CounterMetricFamily(
+            "iclserve_upstream_breaker_refused",
+            "Calls refused at once (503) because the upstream's breaker was open",
+            labels=["upstream"],
+        )
+        opened = CounterMetricFamily(
+            "iclserve_upstream_breaker_opened",
+            "Times the upstream's breaker opened",
+            labels=["upstream"],
+        )
+        for name, breaker in breakers:
+            state.add_metric([name], int(breaker.state))
+            refused.add_metric([name], breaker.refused)
+            opened.add_metric([name], breaker.opened)
+        yield state
+        yield refused
+        yield opened
 
 
 class Metrics:
@@ -85,6 +118,9 @@ class Metrics:
 
     def bind(self, store: PoolStore, cache: CachedEmbedder) -> None:
         self.registry.register(_StoreCollector(store, cache))
+
+    def bind_upstream(self, upstream: UpstreamClient) -> None:
+        self.registry.register(_BreakerCollector(upstream))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).observe(seconds)

@@ -131,6 +131,7 @@ class Services:
             observe_stage=metrics.observe_stage,
         )
         upstream = UpstreamClient(settings.upstreams, on_result=metrics.observe_upstream)
+        metrics.bind_upstream(upstream)
         subsets = SubsetStore(
             store, max_budget=settings.limits.max_subset_budget, upstream=upstream
         )

@@ -45,6 +45,30 @@ class Upstream(BaseModel):
     max_retry_wait: float = Field(
         10.0, ge=0, description="Cap on the summed waits between retries (Retry-After included)."
     )
+    breaker_enabled: bool = Field(
+        True, description="Fail fast with 503 while this upstream keeps failing (circuit breaker)."
+    )
+    breaker_window: int = Field(
+        20, ge=1, le=10_000, description="Breaker: how many of the latest calls the ratio covers."
+    )
+    breaker_min_calls: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="Breaker: calls the window must hold before the ratio can open it.",
+    )
+    breaker_failure_ratio: float = Field(
+        0.5, gt=0, le=1, description="Breaker: opens when this share of the window failed."
+    )
+    breaker_consecutive_failures: int = Field(
+        5, ge=1, le=10_000, description="Breaker: opens after this many failures in a row."
+    )
+    breaker_cooldown: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Breaker: seconds it stays open before one probe call is let through.",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -57,6 +81,15 @@ class Upstream(BaseModel):
     def _key_from_file(self) -> Upstream:
         if self.api_key is None and self.api_key_file is not None:
             self.api_key = SecretStr(self.api_key_file.read_text(encoding="utf-8").strip())
+        return self
+
+    @model_validator(mode="after")
+    def _breaker_window_holds_min_calls(self) -> Upstream:
+        if self.breaker_min_calls > self.breaker_window:
+            raise ValueError(
+                f"breaker_min_calls ({self.breaker_min_calls}) cannot exceed breaker_window "
+                f"({self.breaker_window}); set both"
+            )
         return self
 
     def matches(self, model: str) -> bool:

@@ -13,8 +13,14 @@ Clocks of one call (all per upstream, from `Upstream` in the settings):
 * `total_timeout`: the whole call, retries and waits included (an absolute deadline).
 
 Retries (`max_retries`, waits summed under `max_retry_wait`) happen only before a response is
-handed out: on connect errors, connections dropped before the headers, 429 and 5xx. A body
-that has started to flow is never retried.
+handed out: on connect errors, connections dropped (or reset) before the headers, 429 and 5xx.
+A body that has started to flow is never retried.
+
+Each upstream has a circuit breaker (`app.llm.breaker`, unless `breaker_enabled` is off): one
+call, retries included, is one outcome. Timeouts, connect errors, dropped connections, broken
+or unreadable bodies and 5xx are failures; any other answer from the upstream (2xx, 4xx, 429)
+is a success, since it shows the upstream is up; a call our caller abandoned is neutral. While
+the breaker is open, calls fail at once with `CircuitOpen` (503, `Retry-After`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from app.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from app.llm.breaker import CircuitBreaker, Clock, Health, Permit
 from app.settings import Upstream
 
 __all__ = [
@@ -94,6 +101,26 @@ class UpstreamRejectedUnprocessable(UpstreamRejected):
     """The upstream answered 422 (a body it could parse but not accept)."""
 
     status_code: ClassVar[int] = 422
+
+
+class _Call:
+    """What one call learnt along the way, for the breaker's verdict."""
+
+    __slots__ = ("status",)
+
+    def __init__(self) -> None:
+        self.status: int | None = None  # of the latest attempt's response, if it got one
+
+
+def _health(outcome: str, status: int | None) -> Health:
+    if outcome == "cancelled":
+        return Health.NEUTRAL
+    if outcome == "ok" or (status is not None and 300 <= status < 500):
+        # Any answer below 500 (a refusal, a redirect, 401, 429) shows the upstream is up.
+        return Health.SUCCESS
+    if outcome in ("rate_limited", "rejected"):
+        return Health.SUCCESS
+    return Health.FAILURE
 
 
 class _Retryable(Exception):
@@ -177,9 +204,11 @@ class UpstreamStream:
         response: httpx.Response,
         deadline: float,
         started: float,
+        permit: Permit | None = None,
     ) -> None:
         self._client = client
         self._upstream = upstream
+        self._permit = permit
         self._response = response
         self._deadline = deadline
         self._started = started
@@ -309,7 +338,9 @@ class UpstreamStream:
     def _finish(self, outcome: str, detail: str | None) -> None:
         self._finished = True
         seconds = time.monotonic() - self._started
-        self._client._report(self._upstream, outcome, seconds, self.status_code, detail)
+        self._client._report(
+            self._upstream, outcome, seconds, self.status_code, detail, permit=self._permit
+        )
 
     async def _close_response(self) -> None:
         if self._closed:
@@ -337,7 +368,11 @@ class UpstreamClient:
     * `RateLimited` 429 with a `Retry-After` header: the upstream still said 429 after retries;
     * `UpstreamError` 502: connect errors, dropped connections, 5xx, 401/403 from the
       upstream (our key is wrong, not the client's), redirects, invalid JSON;
-    * `UpstreamTimeout` 504: any of the clocks ran out.
+    * `UpstreamTimeout` 504: any of the clocks ran out;
+    * `CircuitOpen` 503 with a `Retry-After` header, code "upstream_unavailable": the
+      upstream's breaker is open; the upstream was not contacted.
+
+    `clock` (monotonic seconds) drives the breakers, so tests can move time by hand.
 
     `on_result(upstream_name, outcome, seconds)` is called once per call with an outcome in
     `OUTCOMES` ("ok", "timeout", "error", "rate_limited", "rejected", "cancelled"); for a
@@ -351,10 +386,14 @@ class UpstreamClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         on_result: ResultHook | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._upstreams = list(upstreams)
         self._on_result = on_result
         self._clients = {u.name: self._make_client(u, transport) for u in self._upstreams}
+        self._breakers = {
+            u.name: self._make_breaker(u, clock) for u in self._upstreams if u.breaker_enabled
+        }
 
     @staticmethod
     def _make_client(
@@ -375,9 +414,28 @@ class UpstreamClient:
             transport=transport,
         )
 
+    @staticmethod
+    def _make_breaker(upstream: Upstream, clock: Clock) -> CircuitBreaker:
+        return CircuitBreaker(
+            upstream.name,
+            window=upstream.breaker_window,
+            min_calls=upstream.breaker_min_calls,
+            failure_ratio=upstream.breaker_failure_ratio,
+            consecutive_failures=upstream.breaker_consecutive_failures,
+            cooldown=upstream.breaker_cooldown,
+            # A call cannot outlive its deadline, so a probe silent for longer was lost.
+            probe_timeout=upstream.total_timeout + _CLOSE_TIMEOUT,
+            clock=clock,
+        )
+
     @property
     def upstreams(self) -> list[Upstream]:
         return list(self._upstreams)
+
+    @property
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """The circuit breaker of each upstream that has one, by upstream name."""
+        return dict(self._breakers)
 
     async def aclose(self) -> None:
         """Close every connection pool. Open streams should be closed first."""
@@ -420,6 +478,8 @@ class UpstreamClient:
             raise ValueError("complete() does not stream; use open_stream()")
         upstream = self.route(body.get("model"))
         content = _encode(body)
+        permit = self._admit(upstream)
+        call = _Call()
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + upstream.total_timeout
@@ -428,7 +488,7 @@ class UpstreamClient:
             # The outer clock covers everything, retry waits included; the inner clocks only
             # make the message precise.
             async with asyncio.timeout_at(deadline):
-                response = await self._send(upstream, "POST", path, content, deadline)
+                response = await self._send(upstream, "POST", path, content, deadline, call)
                 status = response.status_code
                 try:
                     raw = await self._read_body(upstream, response, deadline, _MAX_BODY_BYTES)
@@ -442,12 +502,15 @@ class UpstreamClient:
                 raise UpstreamError("upstream returned JSON that is not an object")
         except TimeoutError as exc:
             error = UpstreamTimeout(f"upstream did not answer within {upstream.total_timeout:g}s")
-            self._report_error(upstream, error, started, status)
+            self._report_error(upstream, error, started, call, permit)
             raise error from exc
         except ICLServeError as error:
-            self._report_error(upstream, error, started, status)
+            self._report_error(upstream, error, started, call, permit)
             raise
-        self._report(upstream, "ok", time.monotonic() - started, status, None)
+        except BaseException as exc:
+            self._report_abandoned(upstream, exc, started, permit)
+            raise
+        self._report(upstream, "ok", time.monotonic() - started, status, None, permit=permit)
         return answer
 
     async def open_stream(self, path: str, body: dict[str, Any]) -> UpstreamStream:
@@ -462,20 +525,30 @@ class UpstreamClient:
         if body.get("stream") is not True:
             body = {**body, "stream": True}
         content = _encode(body)
+        permit = self._admit(upstream)
+        call = _Call()
         started = time.monotonic()
         deadline = asyncio.get_running_loop().time() + upstream.total_timeout
         try:
             async with asyncio.timeout_at(deadline):
-                response = await self._send(upstream, "POST", path, content, deadline)
+                response = await self._send(upstream, "POST", path, content, deadline, call)
         except TimeoutError as exc:
             error = UpstreamTimeout(f"upstream did not answer within {upstream.total_timeout:g}s")
-            self._report_error(upstream, error, started, None)
+            self._report_error(upstream, error, started, call, permit)
             raise error from exc
         except ICLServeError as error:
-            self._report_error(upstream, error, started, None)
+            self._report_error(upstream, error, started, call, permit)
+            raise
+        except BaseException as exc:
+            self._report_abandoned(upstream, exc, started, permit)
             raise
         return UpstreamStream(
-            client=self, upstream=upstream, response=response, deadline=deadline, started=started
+            client=self,
+            upstream=upstream,
+            response=response,
+            deadline=deadline,
+            started=started,
+            permit=permit,
         )
 
     async def list_models(self) -> list[dict[str, Any]]:
@@ -533,8 +606,18 @@ class UpstreamClient:
             return None
         return [item for item in data if isinstance(item, dict)]
 
+    def _admit(self, upstream: Upstream) -> Permit | None:
+        breaker = self._breakers.get(upstream.name)
+        return None if breaker is None else breaker.admit()
+
     async def _send(
-        self, upstream: Upstream, method: str, path: str, content: bytes, deadline: float
+        self,
+        upstream: Upstream,
+        method: str,
+        path: str,
+        content: bytes,
+        deadline: float,
+        call: _Call,
     ) -> httpx.Response:
         """One response with a 2xx status and its body not yet read, after retries."""
         client = self._clients[upstream.name]
@@ -543,7 +626,7 @@ class UpstreamClient:
         attempt = 0
         while True:
             try:
-                return await self._attempt(upstream, client, method, path, content, deadline)
+                return await self._attempt(upstream, client, method, path, content, deadline, call)
             except _Retryable as retryable:
                 error, retry_after = retryable.error, retryable.retry_after
             if attempt >= upstream.max_retries:
@@ -579,10 +662,12 @@ class UpstreamClient:
         path: str,
         content: bytes,
         deadline: float,
+        call: _Call,
     ) -> httpx.Response:
         request = client.build_request(
             method, path, content=content, headers={"Content-Type": "application/json"}
         )
+        call.status = None
         loop = asyncio.get_running_loop()
         headers_due = loop.time() + upstream.first_byte_timeout
         try:
@@ -601,13 +686,13 @@ class UpstreamClient:
         except httpx.ConnectError as exc:
             raise _Retryable(UpstreamError("could not connect to upstream")) from exc
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            # Dropped before any response: nothing reached our client, so another attempt
-            # cannot duplicate anything it has seen.
+            # Dropped (closed, or reset: ECONNRESET is a ReadError) before any response:
+            # nothing reached our client, so another attempt cannot duplicate anything it saw.
             raise _Retryable(UpstreamError("upstream closed the connection")) from exc
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream request failed ({type(exc).__name__})") from exc
 
-        status = response.status_code
+        status = call.status = response.status_code
         if 200 <= status < 300:
             return response
         try:
@@ -712,7 +797,12 @@ class UpstreamClient:
         return b"".join(parts)
 
     def _report_error(
-        self, upstream: Upstream, error: ICLServeError, started: float, status: int | None
+        self,
+        upstream: Upstream,
+        error: ICLServeError,
+        started: float,
+        call: _Call,
+        permit: Permit | None,
     ) -> None:
         if isinstance(error, UpstreamTimeout):
             outcome = "timeout"
@@ -722,7 +812,24 @@ class UpstreamClient:
             outcome = "rejected"
         else:
             outcome = "error"
-        self._report(upstream, outcome, time.monotonic() - started, status, error.message)
+        seconds = time.monotonic() - started
+        self._report(upstream, outcome, seconds, call.status, error.message, permit=permit)
+
+    def _report_abandoned(
+        self, upstream: Upstream, exc: BaseException, started: float, permit: Permit | None
+    ) -> None:
+        """A call that ended in neither an answer nor one of our errors: cancelled, mostly."""
+        seconds = time.monotonic() - started
+        if isinstance(exc, asyncio.CancelledError):
+            self._report(upstream, "cancelled", seconds, None, None, permit=permit)
+            return
+        # A bug of ours, not news about the upstream: free the breaker's slot, judge nothing.
+        self._settle(upstream, permit, Health.NEUTRAL)
+
+    def _settle(self, upstream: Upstream, permit: Permit | None, health: Health) -> None:
+        breaker = self._breakers.get(upstream.name)
+        if breaker is not None and permit is not None:
+            breaker.record(permit, health)
 
     def _report(
         self,
@@ -731,7 +838,10 @@ class UpstreamClient:
         seconds: float,
         status: int | None,
         detail: str | None,
+        *,
+        permit: Permit | None = None,
     ) -> None:
+        self._settle(upstream, permit, _health(outcome, status))
         self._log(upstream, status, seconds, detail or outcome)
         if self._on_result is None:
             return

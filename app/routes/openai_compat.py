@@ -4,31 +4,107 @@ The body is the standard OpenAI one plus an optional `icl` object. With `icl`, t
 demonstrations are injected (chat: user/assistant pairs after the leading system messages;
 completions: a text prefix) and the request goes to the upstream its `model` maps to.
 Without `icl`, the body passes through unchanged.
+
+If our client goes away while the upstream call runs, the call is cancelled, which closes the
+upstream connection: a stream through its `aclose()` when the response is torn down, the
+wait for a non-streaming answer (or for a stream's headers) by watching for the ASGI
+`http.disconnect` meanwhile.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, Final, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
 from app.deps import ClientAuth, ServicesDep
-from app.errors import InvalidRequest
+from app.errors import ICLServeError, InvalidRequest
+from app.http import error_responses, model_schema
 from app.llm.client import UpstreamStream
 from app.pipeline import IclSpec, Selection
 from app.services import Services
-from app.templates import render_text, render_text_prefix
+from app.templates import render_instruction, render_text, render_text_prefix
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ClientAuth])
 
 DEMOS_HEADER = "x-icl-demonstrations"
 LEADING_ROLES = ("system", "developer")
+# nginx's "client closed request": only our metrics see it, the client is gone.
+CLIENT_CLOSED_REQUEST: Final = 499
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+# The bodies are read as plain JSON and forwarded, so these models only document them in the
+# OpenAPI schema: `model` and `icl` are ours to check; the other fields (listed or not) go to
+# the upstream unchanged, and the upstream judges them.
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionBody(BaseModel):
+    """The OpenAI chat body plus `icl`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="Chooses the upstream (server config).")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    icl: IclSpec | None = Field(None, description="Demonstrations to inject.")
+
+
+class CompletionBody(BaseModel):
+    """The OpenAI completions body plus `icl`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="Chooses the upstream (server config).")
+    prompt: str | list[str]
+    stream: bool = False
+    icl: IclSpec | None = Field(None, description="Demonstrations to prefix.")
+
+
+def _forwarded(body: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model_schema(body)}},
+        }
+    }
+
+
+# `stream: true` answers with server-sent events instead of JSON. Before OpenAPI 3.2, the
+# schema of an event stream describes one event.
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": 'A JSON chunk; `[DONE]` at the end; `{"error": {...}}` (the OpenAI '
+            "error shape) when the upstream failed mid-stream.",
+        },
+    },
+    "required": ["data"],
+}
+_STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The upstream's answer, as JSON or (stream) as server-sent events.",
+        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+    }
+}
+_UPSTREAM_ERRORS = error_responses(404, 409, 422, 429, 502, 503, 504)
 
 
 def validate_as(model: type[M], data: Any, param: str) -> M:
@@ -82,9 +158,42 @@ def inject_demonstrations(messages: list[Any], selection: Selection) -> list[Any
         and messages[split].get("role") in LEADING_ROLES
     ):
         split += 1
-    instruction = selection.template.instruction
+    # Rendered like every template field, so that it matches what /select shows.
+    instruction = render_instruction(selection.template)
     extra = [{"role": "system", "content": instruction}] if instruction else []
     return [*messages[:split], *extra, *selection.chat_demo_messages(), *messages[split:]]
+
+
+async def _client_disconnect(request: Request) -> None:
+    # Called once the body has been read: from then on `receive` yields only the disconnect
+    # (a server may interpose empty body messages, which are skipped).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """`work`'s result, or None if our client disconnected first (`work` is then cancelled).
+
+    Call only after the request body has been read.
+    """
+    call = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_disconnect(request))
+    try:
+        await asyncio.wait({call, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        call_running = not call.done()
+        if call_running:
+            call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if call_running:
+            # Let the call finish its cleanup (closing the upstream connection) before we go.
+            with contextlib.suppress(asyncio.CancelledError, ICLServeError):
+                await call
+    if call.cancelled():
+        return None
+    return call.result()
 
 
 async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
@@ -97,6 +206,7 @@ async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
 
 
 async def _forward(
+    request: Request,
     services: Services,
     path: str,
     body: dict[str, Any],
@@ -106,7 +216,9 @@ async def _forward(
     if selection is not None:
         headers[DEMOS_HEADER] = ",".join(str(i) for i in selection.ids)
     if body.get("stream"):
-        stream = await services.upstream.open_stream(path, body)
+        stream = await _unless_client_leaves(request, services.upstream.open_stream(path, body))
+        if stream is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         # The background close covers a client that leaves before the first chunk is relayed.
         return StreamingResponse(
             _relay(stream),
@@ -114,7 +226,9 @@ async def _forward(
             headers=headers,
             background=BackgroundTask(stream.aclose),
         )
-    result = await services.upstream.complete(path, body)
+    result = await _unless_client_leaves(request, services.upstream.complete(path, body))
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     if selection is not None:
         result["icl"] = {
             "pool": selection.pool,
@@ -130,7 +244,11 @@ def _check_query(services: Services, query: str) -> None:
         raise InvalidRequest(f"the query is longer than {limit} characters", param="icl.query")
 
 
-@router.post("/chat/completions")
+@router.post(
+    "/chat/completions",
+    responses={**_STREAMED, **_UPSTREAM_ERRORS},
+    openapi_extra=_forwarded(ChatCompletionBody),
+)
 async def chat_completions(request: Request, services: ServicesDep) -> Response:
     """OpenAI chat completions, with demonstrations injected when `icl` is given."""
     body = await _json_object(request)
@@ -150,10 +268,14 @@ async def chat_completions(request: Request, services: ServicesDep) -> Response:
         _check_query(services, query)
         selection = await services.pipeline.select(spec.pool, query, spec)
         body["messages"] = inject_demonstrations(messages, selection)
-    return await _forward(services, "/chat/completions", body, selection)
+    return await _forward(request, services, "/chat/completions", body, selection)
 
 
-@router.post("/completions")
+@router.post(
+    "/completions",
+    responses={**_STREAMED, **_UPSTREAM_ERRORS},
+    openapi_extra=_forwarded(CompletionBody),
+)
 async def completions(request: Request, services: ServicesDep) -> Response:
     """OpenAI text completions, with a demonstrations prefix when `icl` is given.
 
@@ -178,7 +300,7 @@ async def completions(request: Request, services: ServicesDep) -> Response:
             body["prompt"] = render_text(selection.template, selection.demos, prompt)
         else:
             body["prompt"] = render_text_prefix(selection.template, selection.demos) + prompt
-    return await _forward(services, "/completions", body, selection)
+    return await _forward(request, services, "/completions", body, selection)
 
 
 @router.get("/models")

@@ -69,6 +69,9 @@ until `clear_faults()` when times is None; `path` limits it to one path such as
 * `"drip"`: send the body one byte every `interval` seconds.
 * `"close_mid_stream"`: after `chunks` body chunks, drop the connection without finishing
   the response (the client sees an incomplete chunked body).
+* `"reset"`: reset the TCP connection (SO_LINGER 0, then abort: the kernel sends RST, the
+  client's next read fails with ECONNRESET), before the response headers, or, with `chunks`
+  > 0, after that many body chunks.
 
 If the API key is set, a request without `Authorization: Bearer <key>` gets 401 with a
 message that echoes the key it sent (as real providers do), so tests can check that nothing
@@ -112,7 +115,13 @@ __all__ = [
 ]
 
 FaultKind = Literal[
-    "status", "stall_before_headers", "latency", "stall_after_chunks", "drip", "close_mid_stream"
+    "status",
+    "stall_before_headers",
+    "latency",
+    "stall_after_chunks",
+    "drip",
+    "close_mid_stream",
+    "reset",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -537,7 +546,9 @@ class FakeUpstream:
                 pass
 
         handler = asyncio.ensure_future(
-            self._respond(scope["method"], path, headers, body, faults, tracked_send)
+            self._respond(
+                scope["method"], path, headers, body, faults, tracked_send, scope.get("client")
+            )
         )
         watcher = asyncio.ensure_future(wait_for_disconnect())
         try:
@@ -562,11 +573,15 @@ class FakeUpstream:
         body: Any,
         faults: dict[FaultKind, _Fault],
         send: Send,
+        peer: tuple[str, int] | None = None,
     ) -> None:
         if (fault := faults.get("latency")) is not None:
             await asyncio.sleep(max(0.0, fault.seconds + self._jitter(fault.jitter)))
         if (fault := faults.get("stall_before_headers")) is not None:
             await asyncio.sleep(fault.seconds)
+        if (fault := faults.get("reset")) is not None and fault.chunks <= 0:
+            await self._reset(peer)
+            return
         if (fault := faults.get("status")) is not None:
             extra = [] if fault.retry_after is None else [("retry-after", fault.retry_after)]
             if fault.body is not None:
@@ -576,14 +591,33 @@ class FakeUpstream:
                 message = fault.message or f"fake upstream error {fault.code}"
                 payload = _error_body(message, "server_error")
                 content_type = "application/json"
-            await self._emit(send, fault.code, content_type, [payload], faults, extra)
+            await self._emit(send, fault.code, content_type, [payload], faults, extra, peer)
             return
         try:
             status, content_type, chunks = self._route(method, path, headers, body)
         except _HTTPError as exc:
             status, content_type = exc.status, "application/json"
             chunks = [_error_body(exc.message, exc.error_type)]
-        await self._emit(send, status, content_type, chunks, faults, [])
+        await self._emit(send, status, content_type, chunks, faults, [], peer)
+
+    async def _reset(self, peer: tuple[str, int] | None) -> None:
+        """Reset the connection of `peer`: RST instead of FIN, as a crashed or killed peer does."""
+        server = self._server
+        connections = [] if server is None else list(server.server_state.connections)
+        # ASGI does not expose the socket; uvicorn's protocol objects carry the peer address
+        # and transport of each open connection.
+        for connection in connections:
+            if getattr(connection, "client", None) == peer:
+                transport = connection.transport
+                transport.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                transport.abort()
+                break
+        else:
+            raise RuntimeError(f"fake upstream: no open connection from {peer} to reset")
+        # uvicorn learns of the loss on the next loop turn; after that it sends nothing more.
+        await asyncio.sleep(0)
 
     def _jitter(self, jitter: float) -> float:
         with self._lock:
@@ -597,16 +631,21 @@ class FakeUpstream:
         chunks: list[bytes],
         faults: dict[FaultKind, _Fault],
         extra_headers: Iterable[tuple[str, str]],
+        peer: tuple[str, int] | None = None,
     ) -> None:
         response_headers = [(b"content-type", content_type.encode())]
         response_headers += [(k.encode(), v.encode()) for k, v in extra_headers]
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         stall = faults.get("stall_after_chunks")
         close = faults.get("close_mid_stream")
+        reset = faults.get("reset")
         drip = faults.get("drip")
         for index, chunk in enumerate(chunks):
             if close is not None and index == close.chunks:
                 return  # uvicorn closes the connection: the response never completes
+            if reset is not None and index == reset.chunks:
+                await self._reset(peer)
+                return
             if stall is not None and index == stall.chunks:
                 await asyncio.sleep(stall.seconds)
             if drip is not None:
@@ -618,6 +657,9 @@ class FakeUpstream:
             else:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         if close is not None and close.chunks >= len(chunks):
+            return
+        if reset is not None and reset.chunks >= len(chunks):
+            await self._reset(peer)
             return
         if stall is not None and stall.chunks >= len(chunks):
             await asyncio.sleep(stall.seconds)

@@ -289,6 +289,48 @@ async def test_connection_dropped_before_response_is_retried() -> None:
     assert calls == 2
 
 
+async def test_reset_before_headers_is_retried(fake: FakeUpstream) -> None:
+    fake.set_fault("reset", times=1)  # a real RST from the peer, not a mocked exception
+    results = Results()
+    async with UpstreamClient([make_upstream(fake)], on_result=results) as client:
+        answer = await client.complete("/chat/completions", chat())
+        assert answer["choices"][0]["message"]["content"] == "woof"
+        fake.set_fault("reset", times=1)
+        chunks = await collect(await client.open_stream("/chat/completions", chat()))
+        assert chunks[-1] == b"data: [DONE]\n\n"
+    assert len(fake.requests) == 4
+    assert results.outcomes == ["ok", "ok"]
+
+
+async def test_reset_on_every_attempt_is_502(fake: FakeUpstream) -> None:
+    fake.set_fault("reset")
+    results = Results()
+    async with UpstreamClient([make_upstream(fake)], on_result=results) as client:
+        with pytest.raises(UpstreamError) as info:
+            await client.complete("/chat/completions", chat())
+    assert info.value.status_code == 502
+    assert info.value.message == "upstream closed the connection"
+    assert len(fake.requests) == 3  # max_retries=2
+    assert results.outcomes == ["error"]
+
+
+async def test_reset_mid_body_is_not_retried(fake: FakeUpstream) -> None:
+    fake.set_fault("reset", chunks=1)
+    results = Results()
+    async with UpstreamClient([make_upstream(fake)], on_result=results) as client:
+        with pytest.raises(UpstreamError) as info:
+            await client.complete("/chat/completions", chat())
+        assert "broke" in info.value.message
+        fake.set_fault("reset", chunks=2)
+        chunks = await collect(await client.open_stream("/chat/completions", chat()))
+    assert len(fake.requests) == 2
+    assert len(chunks) <= 3 and b"[DONE]" not in b"".join(chunks)
+    error = error_event(chunks[-1])
+    assert error["type"] == "upstream_error"
+    assert error["message"] == "upstream connection broke mid-stream"
+    assert results.outcomes == ["error", "error"]
+
+
 async def test_connect_error_is_502() -> None:
     with socket.socket() as sock:  # bound, never listening: connections are refused
         sock.bind(("127.0.0.1", 0))
