@@ -2,6 +2,10 @@
 
 WAL mode lets readers run while a writer commits; synchronous=FULL makes a commit durable
 before it returns, which is what a 202 on upload and a published version promise.
+
+A write that fails because the disk is full is rolled back whole and raised as
+`InsufficientStorage` (507), so the caller reports a clean error and the last committed state,
+the previously published versions included, stays as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from app.errors import InsufficientStorage
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pools (
@@ -119,6 +125,10 @@ CREATE TABLE IF NOT EXISTS presets (
 """
 
 
+# Idle reader connections kept for reuse; more may be open while more threads read at once.
+MAX_IDLE_READERS = 8
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
     conn.row_factory = sqlite3.Row
@@ -129,50 +139,120 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+_DISK_FULL_CODES = frozenset(
+    {
+        sqlite3.SQLITE_FULL,
+        # ENOSPC while growing the WAL index or writing a page: SQLite reports these as I/O
+        # errors rather than SQLITE_FULL.
+        getattr(sqlite3, "SQLITE_IOERR_SHMSIZE", 4874),
+        getattr(sqlite3, "SQLITE_IOERR_WRITE", 778),
+    }
+)
+
+
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed because the file system ran out of space."""
+    return getattr(exc, "sqlite_errorcode", None) in _DISK_FULL_CODES
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite rolls back by itself after some errors (SQLITE_FULL among them); a second
+    # ROLLBACK would then raise and hide the original error.
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
 class Database:
     """The pool store's SQLite file. `write()` is a transaction; `read()` a snapshot read."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer = _connect(path)
-        self._writer.executescript(SCHEMA)
+        try:
+            self._writer = _connect(path)
+            self._writer.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            # WAL mode needs a few pages for its shared-memory index even to read.
+            if is_disk_full(exc):
+                raise InsufficientStorage(
+                    f"cannot open {path.name}: the data directory is full; free disk space "
+                    "and start again",
+                    code="disk_full",
+                ) from exc
+            raise
         self._write_lock = threading.RLock()
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        # Reader connections are pooled, not thread-local: worker threads come and go (AnyIO
+        # retires idle ones), and a connection per thread ever seen leaked two descriptors
+        # for every retired thread.
+        self._idle_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._closed = False
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """A serialised IMMEDIATE transaction, committed (durably) on normal exit."""
+        """A serialised IMMEDIATE transaction, committed (durably) on normal exit.
+
+        Any failure rolls it back whole; a full disk, in a statement or in the commit, is
+        raised as `InsufficientStorage`.
+        """
         with self._write_lock:
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    _rollback(conn)
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                # A failed COMMIT may leave the transaction open (and the write lock held).
+                _rollback(conn)
+                if is_disk_full(exc):
+                    raise InsufficientStorage(
+                        "the data directory is full; nothing was changed, and the published "
+                        "versions stay as they were. Free disk space and retry",
+                        code="disk_full",
+                    ) from exc
                 raise
-            conn.execute("COMMIT")
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        """A consistent read-only snapshot on this thread's own connection."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        """A consistent read-only snapshot on a pooled connection, held until the block ends."""
+        with self._readers_lock:
+            conn = self._idle_readers.pop() if self._idle_readers else None
         if conn is None:
             conn = _connect(self.path)
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        conn.execute("BEGIN")
+        try:
+            conn.execute("BEGIN")
+        except BaseException:
+            conn.close()
+            raise
         try:
             yield conn
         finally:
+            self._release_reader(conn)
+
+    def _release_reader(self, conn: sqlite3.Connection) -> None:
+        try:
             conn.execute("COMMIT")
+        except BaseException:
+            # A connection whose snapshot cannot be ended is not reused.
+            conn.close()
+            raise
+        with self._readers_lock:
+            if self._closed or len(self._idle_readers) >= MAX_IDLE_READERS:
+                conn.close()
+            else:
+                self._idle_readers.append(conn)
 
     def close(self) -> None:
         with self._readers_lock:
-            for conn in self._readers:
+            self._closed = True
+            for conn in self._idle_readers:
                 conn.close()
-            self._readers.clear()
+            self._idle_readers.clear()
         with self._write_lock:
             self._writer.close()

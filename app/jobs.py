@@ -141,11 +141,22 @@ def upload_handler(store: PoolStore, embedder: Embedder, *, batch_size: int) -> 
         except ICLServeError as exc:
             if exc.code == "job_cancelled":
                 return "cancelled"
-            store.fail_job(job_id, exc.message)
+            _record_failure(store, job_id, exc.message)
             return "failed"
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            store.fail_job(job_id, f"internal error while embedding: {type(exc).__name__}")
+            _record_failure(store, job_id, f"internal error while embedding: {type(exc).__name__}")
             return "failed"
 
     return run
+
+
+def _record_failure(store: PoolStore, job_id: str, message: str) -> None:
+    try:
+        store.fail_job(job_id, message)
+    except ICLServeError as exc:
+        # Typically the disk is still full. The job stays 'running' with its rows staged,
+        # and recovery retries it on the next start, when space may have been freed.
+        log.error(
+            "job %s failed (%s) and the failure could not be recorded: %s", job_id, message, exc
+        )

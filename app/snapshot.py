@@ -3,7 +3,8 @@
 Readers take the pool's current snapshot once per request and use only it, so a publish that
 happens meanwhile is invisible to them: they see the old version or the new one, never a mix.
 Snapshots are never mutated after construction (FAISS indexes are not safe to mutate while
-searched); a publish builds a new one and swaps the pointer.
+searched); a publish builds a new one and swaps the pointer. A snapshot still held by a reader
+pins its version: the store does not delete rows that version can see until it is released.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class _LazyIndexes:
     per_label: dict[int, SearchIndex] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+# weakref_slot: the store tracks which snapshots requests and jobs still hold, and keeps the
+# rows of their versions until they let go.
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class PoolSnapshot:
     pool: str
     version: int

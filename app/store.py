@@ -11,9 +11,13 @@ Publishing (ARCHITECTURE.md "Storage")
     1. the new vector file is written to a temporary name, fsynced, renamed, dir fsynced;
     2. one SQLite transaction (synchronous=FULL) marks the rows, records the version with the
        file's checksum and flips `pools.active_version`;
-    3. the in-process snapshot pointer is swapped.
+    3. the in-process snapshot pointer is swapped;
+    4. versions no snapshot in use still needs are forgotten, with the rows only they saw and
+       their vector files (a request or job holding an older snapshot keeps its rows).
     A crash before 2 commits leaves the old version and an orphan file, which recovery
-    deletes; after 2 the new version is complete on disk.
+    deletes; after 2 the new version is complete on disk. A failure before 2 commits (a full
+    disk, a cancelled job) removes the new file at once and leaves the old version live.
+    Recovery at startup, when no reader exists, keeps only each pool's active version.
 
 All methods are synchronous and thread-safe; the app calls them from worker threads. Only
 this process writes the data directory (one worker per container).
@@ -27,6 +31,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +43,14 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.db import Database
-from app.errors import Conflict, InvalidRequest, NotFound, UnprocessableUpload
+from app.errors import (
+    Conflict,
+    ICLServeError,
+    InsufficientStorage,
+    InvalidRequest,
+    NotFound,
+    UnprocessableUpload,
+)
 from app.faults import fault_point
 from app.ingest import ExampleRecord
 from app.settings import IndexSettings
@@ -190,6 +202,8 @@ class PoolStore:
         self._locks_guard = threading.Lock()
         self._snapshots: dict[str, PoolSnapshot] = {}
         self._snapshot_guard = threading.Lock()
+        # Every snapshot handed out, weakly: those still alive pin their versions' rows.
+        self._issued: dict[str, list[weakref.ref[PoolSnapshot]]] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -208,8 +222,26 @@ class PoolStore:
 
         Upload jobs that were queued or running resume: their rows were durable before the
         202. Other interrupted jobs are marked failed. Staged rows of jobs that did not
-        survive are deleted, and vector files no version references are removed.
+        survive are deleted. No reader exists yet, so each pool keeps only its active version:
+        older versions and the rows only they saw are deleted, and every file in the vectors
+        directory that no remaining version references (temporary files of an interrupted
+        publish included) is removed.
         """
+        # Orphan files first: after a crash on a full disk they hold the space the repair
+        # below needs.
+        self._remove_unreferenced_files()
+        try:
+            resume = self._repair()
+        except InsufficientStorage:
+            # Still full: serve the published versions rather than fail to start. Interrupted
+            # jobs stay as they are, to be repaired by a start with free space.
+            log.error("data directory full: started without repairing interrupted jobs")
+            return []
+        fault_point("recovery_committed")
+        self._remove_unreferenced_files()
+        return resume
+
+    def _repair(self) -> list[str]:
         now = time.time()
         with self.db.write() as conn:
             conn.execute(
@@ -235,6 +267,9 @@ class PoolStore:
                 "DELETE FROM examples WHERE job_id IS NOT NULL AND job_id NOT IN "
                 "(SELECT id FROM jobs WHERE status = 'queued')"
             )
+            pools = conn.execute("SELECT name, active_version FROM pools").fetchall()
+            for pool, active in pools:
+                self._forget_before(conn, pool, int(active))
             resume = [
                 r["id"]
                 for r in conn.execute(
@@ -242,16 +277,34 @@ class PoolStore:
                     "ORDER BY created_at"
                 )
             ]
-        self._remove_unreferenced_files()
         return resume
 
-    def _remove_unreferenced_files(self) -> None:
+    def _remove_unreferenced_files(
+        self, pool: str | None = None, *, fault_after_first: str | None = None
+    ) -> None:
+        """Delete vector files no version references: of `pool`, or of every pool.
+
+        With a pool, call it under that pool's lock: the pool's next file may be on disk
+        before the version referencing it is committed, and only the lock holder knows.
+        `fault_after_first` names the crash point reached after the first file is removed.
+        """
+        root = self.vectors_dir if pool is None else self.vectors_dir / pool
+        if not root.is_dir():
+            return
         with self.db.read() as conn:
-            keep = {r["vectors_file"] for r in conn.execute("SELECT vectors_file FROM versions")}
-        for path in self.vectors_dir.rglob("*"):
+            if pool is None:
+                rows = conn.execute("SELECT vectors_file FROM versions")
+            else:
+                rows = conn.execute("SELECT vectors_file FROM versions WHERE pool = ?", (pool,))
+            keep = {r["vectors_file"] for r in rows}
+        for path in sorted(root.rglob("*")):
             if path.is_file() and str(path.relative_to(self.data_dir)) not in keep:
                 path.unlink(missing_ok=True)
-        for path in sorted(self.vectors_dir.iterdir()):
+                if fault_after_first is not None:
+                    fault_point(fault_after_first)
+                    fault_after_first = None
+        dirs = [root] if pool is not None else sorted(self.vectors_dir.iterdir())
+        for path in dirs:
             if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
 
@@ -292,7 +345,17 @@ class PoolStore:
                 self._insert_pool(conn, pool, settings)
             else:
                 current = PoolSettings.model_validate_json(row["settings"])
-                merged = current.model_copy(update={k: getattr(update, k) for k in given})
+                # An explicit null resets a setting to its default, as for a new pool (a
+                # null `task` or `template` would otherwise fail validation: a 500).
+                defaults = PoolSettings()
+                merged = current.model_copy(
+                    update={
+                        k: getattr(update, k)
+                        if getattr(update, k) is not None
+                        else getattr(defaults, k)
+                        for k in given
+                    }
+                )
                 merged = PoolSettings.model_validate(merged.model_dump(by_alias=True))
                 conn.execute(
                     "UPDATE pools SET settings = ?, updated_at = ? WHERE name = ?",
@@ -346,20 +409,24 @@ class PoolStore:
         }
 
     def delete_pool(self, pool: str) -> None:
-        with self.pool_lock(pool), self.db.write() as conn:
-            self._pool_row(conn, pool)
-            now = time.time()
-            conn.execute(
-                "UPDATE jobs SET status='cancelled', finished_at=?, error='pool deleted' "
-                "WHERE pool = ? AND status IN ('queued','running')",
-                (now, pool),
-            )
-            for table in ("examples", "annotations", "versions", "subsets", "presets"):
-                conn.execute(f"DELETE FROM {table} WHERE pool = ?", (pool,))
-            conn.execute("DELETE FROM pools WHERE name = ?", (pool,))
-        with self._snapshot_guard:
-            self._snapshots.pop(pool, None)
-        self._remove_unreferenced_files()
+        with self.pool_lock(pool):
+            with self.db.write() as conn:
+                self._pool_row(conn, pool)
+                now = time.time()
+                conn.execute(
+                    "UPDATE jobs SET status='cancelled', finished_at=?, error='pool deleted' "
+                    "WHERE pool = ? AND status IN ('queued','running')",
+                    (now, pool),
+                )
+                for table in ("examples", "annotations", "versions", "subsets", "presets"):
+                    conn.execute(f"DELETE FROM {table} WHERE pool = ?", (pool,))
+                conn.execute("DELETE FROM pools WHERE name = ?", (pool,))
+                fault_point("delete_before_commit")
+            fault_point("delete_after_commit")
+            with self._snapshot_guard:
+                self._snapshots.pop(pool, None)
+                self._issued.pop(pool, None)
+            self._remove_unreferenced_files(pool)
 
     # ---------------------------------------------------------------------------- uploads
 
@@ -430,6 +497,7 @@ class PoolStore:
                 (job_id, pool, len(records), json.dumps({"mode": mode}), now),
             )
             fault_point("upload_staged")
+        fault_point("upload_committed")
         return self.job(job_id)
 
     def _check_external_ids(
@@ -509,45 +577,74 @@ class PoolStore:
                 ids, vectors = ids[order], vectors[order]
             else:
                 ids, vectors = new_ids, new_vectors
+            # Held, the old snapshot would pin its version and keep it from being collected.
+            base = None
             version = int(prow["active_version"]) + 1
             rel = f"vectors/{pool}/v{version}-{secrets.token_hex(4)}.npy"
-            digest = write_vectors(self.data_dir / rel, vectors)
-            del vectors
-            with self.db.write() as conn:
-                # Re-check under the write lock: a DELETE may have landed while we wrote.
-                still = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if still is None or still["status"] != "running":
-                    raise Conflict(f"job {job_id} was cancelled", code="job_cancelled")
-                if mode == "replace":
-                    conn.execute(
-                        "UPDATE examples SET removed_version = ? WHERE pool = ? "
-                        "AND added_version IS NOT NULL AND removed_version IS NULL",
-                        (version, pool),
-                    )
-                conn.execute(
-                    "UPDATE examples SET added_version = ?, job_id = NULL WHERE job_id = ?",
-                    (version, job_id),
+            path = self.data_dir / rel
+            committed = False
+            try:
+                digest = write_vectors(path, vectors)
+                del vectors
+                snapshot = self._commit_upload(
+                    job_id, pool, mode, version, rel, digest, embedder_name, dim, ids.shape[0]
                 )
-                snapshot = self._snapshot_from(
-                    conn, pool, version, rel, digest, embedder_name, dim, rows=ids.shape[0]
-                )
-                self._record_version(conn, snapshot, rel, digest, "upload")
-                # content_version marks what subsets depend on: membership and vectors.
-                conn.execute(
-                    "UPDATE pools SET active_version = ?, content_version = ?, embedder_name = ?, "
-                    "dim = ?, updated_at = ? WHERE name = ?",
-                    (version, version, embedder_name, dim, time.time(), pool),
-                )
-                conn.execute(
-                    "UPDATE jobs SET status='succeeded', done=total, finished_at=?, result=? "
-                    "WHERE id = ?",
-                    (time.time(), json.dumps({"version": version}), job_id),
-                )
-                fault_point("before_commit")
+                committed = True
+            finally:
+                if not committed:
+                    # Not referenced by any version: the old version stays live, and the
+                    # file would only hold space (a full disk is a likely cause).
+                    path.unlink(missing_ok=True)
             fault_point("after_commit")
             self._swap(snapshot)
-        self._collect_garbage(pool, version)
+        self._collect_garbage(pool)
         return version
+
+    def _commit_upload(
+        self,
+        job_id: str,
+        pool: str,
+        mode: str,
+        version: int,
+        rel: str,
+        digest: str,
+        embedder_name: str,
+        dim: int,
+        rows: int,
+    ) -> PoolSnapshot:
+        """The publish transaction of an upload whose vector file is written."""
+        with self.db.write() as conn:
+            # Re-check under the write lock: a DELETE may have landed while we wrote.
+            still = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if still is None or still["status"] != "running":
+                raise Conflict(f"job {job_id} was cancelled", code="job_cancelled")
+            if mode == "replace":
+                conn.execute(
+                    "UPDATE examples SET removed_version = ? WHERE pool = ? "
+                    "AND added_version IS NOT NULL AND removed_version IS NULL",
+                    (version, pool),
+                )
+            conn.execute(
+                "UPDATE examples SET added_version = ?, job_id = NULL WHERE job_id = ?",
+                (version, job_id),
+            )
+            snapshot = self._snapshot_from(
+                conn, pool, version, rel, digest, embedder_name, dim, rows=rows
+            )
+            self._record_version(conn, snapshot, rel, digest, "upload")
+            # content_version marks what subsets depend on: membership and vectors.
+            conn.execute(
+                "UPDATE pools SET active_version = ?, content_version = ?, embedder_name = ?, "
+                "dim = ?, updated_at = ? WHERE name = ?",
+                (version, version, embedder_name, dim, time.time(), pool),
+            )
+            conn.execute(
+                "UPDATE jobs SET status='succeeded', done=total, finished_at=?, result=? "
+                "WHERE id = ?",
+                (time.time(), json.dumps({"version": version}), job_id),
+            )
+            fault_point("before_commit")
+        return snapshot
 
     def _record_version(
         self, conn: sqlite3.Connection, snap: PoolSnapshot, rel: str, digest: str, kind: str
@@ -568,17 +665,57 @@ class PoolStore:
             ),
         )
 
-    def _collect_garbage(self, pool: str, version: int) -> None:
-        """Forget versions older than the previous one; in-flight readers keep a grace version."""
-        keep_from = version - 1
-        with self.db.write() as conn:
-            conn.execute("DELETE FROM versions WHERE pool = ? AND version < ?", (pool, keep_from))
+    def _collect_garbage(self, pool: str) -> None:
+        """Forget the versions of `pool` that no snapshot in use can see any more.
+
+        A request or job holding the snapshot of version v reads v's rows by id after its
+        search, so versions from the oldest one still held on are kept, with the rows they
+        see, and so is the version before the active one (for readers that looked up the
+        active version number just before the publish); older versions, the rows only they
+        saw, and their vector files go. A failure here (a full disk) leaves garbage for the
+        next publish or restart, not an error.
+        """
+        try:
+            with self.pool_lock(pool):
+                with self.db.read() as conn:
+                    row = conn.execute(
+                        "SELECT active_version FROM pools WHERE name = ?", (pool,)
+                    ).fetchone()
+                if row is None:
+                    return
+                previous = int(row["active_version"]) - 1
+                oldest = min(self._pinned_versions(pool), default=previous)
+                oldest = min(oldest, previous)
+                with self.db.write() as conn:
+                    self._forget_before(conn, pool, oldest)
+                fault_point("garbage_committed")
+                self._remove_unreferenced_files(pool, fault_after_first="garbage_file_removed")
+        except (ICLServeError, OSError) as exc:
+            log.warning("could not collect old versions of pool %s: %s", pool, exc)
+
+    @staticmethod
+    def _forget_before(conn: sqlite3.Connection, pool: str, oldest: int) -> None:
+        """Delete the versions of `pool` before `oldest`, and the rows only they could see."""
+        conn.execute("DELETE FROM versions WHERE pool = ? AND version < ?", (pool, oldest))
+        # A row removed at version r is seen only by versions before r.
+        removed = conn.execute(
+            "DELETE FROM examples WHERE pool = ? AND removed_version IS NOT NULL "
+            "AND removed_version <= ?",
+            (pool, oldest),
+        ).rowcount
+        if removed:
             conn.execute(
-                "DELETE FROM examples WHERE pool = ? AND removed_version IS NOT NULL "
-                "AND removed_version < ?",
-                (pool, keep_from),
+                "DELETE FROM annotations WHERE pool = ? AND example_id NOT IN "
+                "(SELECT id FROM examples WHERE pool = ?)",
+                (pool, pool),
             )
-        self._remove_unreferenced_files()
+
+    def _pinned_versions(self, pool: str) -> set[int]:
+        """Versions of `pool` whose snapshots someone still holds (the active one included)."""
+        with self._snapshot_guard:
+            alive = [ref for ref in self._issued.get(pool, ()) if ref() is not None]
+            self._issued[pool] = alive
+            return {snap.version for ref in alive if (snap := ref()) is not None}
 
     # ------------------------------------------------------------------------- snapshots
 
@@ -638,6 +775,7 @@ class PoolStore:
     def _swap(self, snapshot: PoolSnapshot) -> None:
         with self._snapshot_guard:
             self._snapshots[snapshot.pool] = snapshot
+            self._issued.setdefault(snapshot.pool, []).append(weakref.ref(snapshot))
 
     def snapshot(self, pool: str) -> PoolSnapshot | None:
         """The pool's active version, loaded on first use; None while nothing is published."""
@@ -769,8 +907,10 @@ class PoolStore:
                     "UPDATE pools SET active_version = ?, updated_at = ? WHERE name = ?",
                     (new_version, time.time(), pool),
                 )
+                fault_point("annotate_before_commit")
+            fault_point("annotate_after_commit")
             self._swap(snapshot)
-        self._collect_garbage(pool, new_version)
+        self._collect_garbage(pool)
         return {"pool": pool, "version": new_version, "updated": len(items)}
 
     def _resolve(

@@ -7,13 +7,16 @@ read back, always with `allow_pickle=False`, and their SHA-256 is checked agains
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 from numpy.typing import NDArray
 
+from app.errors import InsufficientStorage
 from app.faults import fault_point
 
 _CHUNK = 1 << 20
@@ -36,17 +39,37 @@ def sha256_file(path: Path) -> str:
 
 
 def write_vectors(path: Path, vectors: NDArray[np.float32]) -> str:
-    """Write `vectors` to `path` durably; returns the file's SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `vectors` to `path` durably; returns the file's SHA-256.
+
+    On failure nothing is left behind (no temporary file, no partial file); a full disk is
+    raised as `InsufficientStorage`, other OS errors as they are.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        np.save(fh, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    fault_point("vectors_written")
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+        with tmp.open("wb") as fh:
+            # What np.save writes, byte for byte; but np.save writes through ndarray.tofile,
+            # whose short-write error has no errno, and a full disk must be recognisable.
+            npy_format.write_array_header_1_0(fh, npy_format.header_data_from_array_1_0(matrix))
+            fh.write(matrix.data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fault_point("vectors_written")
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        # The half-written file would otherwise keep the space that ran out.
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(
+                f"the data directory is full: no room for the {vectors.nbytes:,}-byte vector "
+                "file of the new version; the previous version stays active. Free disk space "
+                "and upload again",
+                code="disk_full",
+            ) from exc
+        raise
     fault_point("vectors_renamed")
     return digest
 

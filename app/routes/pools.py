@@ -7,10 +7,12 @@ from typing import Annotated, Any, Literal
 import anyio
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from app.deps import AdminAuth, ClientAuth, ServicesDep
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
+from app.http import error_responses, model_schema
 from app.ingest import detect_format, parse_upload
 from app.pipeline import POOL_NAME_PATTERN, SelectRequest
 from app.store import PoolSettingsUpdate, parse_annotations
@@ -20,7 +22,74 @@ router = APIRouter(prefix="/v1", tags=["pools"])
 PoolName = Annotated[str, Path(pattern=POOL_NAME_PATTERN, description="Pool name.")]
 
 
-@router.put("/pools/{pool}", dependencies=[AdminAuth])
+# The upload and annotation bodies are parsed by hand (app/ingest.py, parse_annotations), so
+# these models only document them in the OpenAPI schema.
+
+
+class UploadExample(BaseModel):
+    """One example of an upload (API.md, Examples)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(min_length=1, description="The text that is embedded and shown.")
+    output: str | None = Field(None, description="The answer; null = unlabeled.")
+    label: str | None = Field(None, description="Class name (classification pools).")
+    id: str | int | None = Field(None, description="Your own id, unique within the pool.")
+    metadata: dict[str, Any] | None = Field(None, description="Kept and returned as is.")
+
+
+class UploadBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    examples: list[UploadExample]
+
+
+class AnnotationItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: int | str = Field(description="The server's integer id or your string id.")
+    output: str | None = None
+    label: str | None = None
+
+
+class AnnotationBody(BaseModel):
+    """Set outputs and/or labels of existing examples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: list[AnnotationItem] = Field(min_length=1)
+
+
+_EXAMPLES_ARRAY = {"type": "array", "items": model_schema(UploadExample)}
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "JSONL (one example object per line), CSV with a header row (columns "
+        "other than input, output, label, id and metadata go into metadata), a JSON array "
+        'or {"examples": [...]}, or a multipart file named *.jsonl, *.csv or *.json.',
+        "content": {
+            "application/x-ndjson": {"schema": _EXAMPLES_ARRAY},
+            "text/csv": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"anyOf": [_EXAMPLES_ARRAY, model_schema(UploadBatch)]}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
+_ANNOTATION_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": model_schema(AnnotationBody)}},
+    }
+}
+
+
+@router.put("/pools/{pool}", dependencies=[AdminAuth], responses=error_responses(409))
 async def put_pool(pool: PoolName, body: PoolSettingsUpdate, services: ServicesDep) -> Any:
     """Create a pool or update its settings."""
     return await anyio.to_thread.run_sync(services.store.put_pool, pool, body)
@@ -32,20 +101,22 @@ async def list_pools(services: ServicesDep) -> Any:
     return {"object": "list", "data": await anyio.to_thread.run_sync(services.store.list_pools)}
 
 
-@router.get("/pools/{pool}", dependencies=[ClientAuth])
+@router.get("/pools/{pool}", dependencies=[ClientAuth], responses=error_responses(404))
 async def get_pool(pool: PoolName, services: ServicesDep) -> Any:
     """Describe a pool: version, size, labels, embedder, status."""
     return await anyio.to_thread.run_sync(services.store.pool_info, pool)
 
 
-@router.delete("/pools/{pool}", dependencies=[AdminAuth])
+@router.delete("/pools/{pool}", dependencies=[AdminAuth], responses=error_responses(404))
 async def delete_pool(pool: PoolName, services: ServicesDep) -> Any:
     """Delete a pool and its files."""
     await anyio.to_thread.run_sync(services.store.delete_pool, pool)
     return {"name": pool, "deleted": True}
 
 
-async def _read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None, str | None]:
+async def _read_upload(
+    request: Request, max_bytes: int
+) -> tuple[bytes | bytearray, str | None, str | None]:
     content_type = request.headers.get("content-type")
     if content_type and content_type.split(";")[0].strip().lower() == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=16, max_part_size=max_bytes)
@@ -57,17 +128,22 @@ async def _read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | N
         if len(data) > max_bytes:
             raise PayloadTooLarge(f"file is larger than the limit of {max_bytes} bytes")
         return data, upload.content_type, upload.filename
-    chunks: list[bytes] = []
-    size = 0
+    # One growing buffer: a list of chunks joined at the end would hold the body twice.
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
+        if len(body) + len(chunk) > max_bytes:
             raise PayloadTooLarge(f"request body is larger than the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks), content_type, None
+        body += chunk
+    return body, content_type, None
 
 
-@router.post("/pools/{pool}/examples", status_code=202, dependencies=[AdminAuth])
+@router.post(
+    "/pools/{pool}/examples",
+    status_code=202,
+    dependencies=[AdminAuth],
+    responses=error_responses(409, 422, 507),
+    openapi_extra=_UPLOAD_BODY,
+)
 async def upload_examples(
     pool: PoolName,
     request: Request,
@@ -93,11 +169,12 @@ async def upload_examples(
     return JSONResponse({"job": job}, status_code=202)
 
 
-@router.get("/pools/{pool}/examples", dependencies=[ClientAuth])
+@router.get("/pools/{pool}/examples", dependencies=[ClientAuth], responses=error_responses(404))
 async def page_examples(
     pool: PoolName,
     services: ServicesDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    # SQLite takes 64-bit integers: a larger offset would fail in the query, not page.
+    offset: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     labeled: Annotated[bool | None, Query()] = None,
 ) -> Any:
@@ -107,7 +184,12 @@ async def page_examples(
     )
 
 
-@router.patch("/pools/{pool}/examples", dependencies=[AdminAuth])
+@router.patch(
+    "/pools/{pool}/examples",
+    dependencies=[AdminAuth],
+    responses=error_responses(404, 409, 422),
+    openapi_extra=_ANNOTATION_BODY,
+)
 async def annotate_examples(pool: PoolName, request: Request, services: ServicesDep) -> Any:
     """Set outputs and labels (annotation); publishes a version without re-embedding."""
     try:
@@ -121,7 +203,7 @@ async def annotate_examples(pool: PoolName, request: Request, services: Services
     return await anyio.to_thread.run_sync(services.store.annotate, pool, items)
 
 
-@router.post("/pools/{pool}/select", dependencies=[ClientAuth])
+@router.post("/pools/{pool}/select", dependencies=[ClientAuth], responses=error_responses(404, 409))
 async def select(pool: PoolName, body: SelectRequest, services: ServicesDep) -> Any:
     """Dry run: the demonstrations, messages and text prompt a request would get."""
     if len(body.query) > services.settings.limits.max_field_chars:
@@ -130,4 +212,9 @@ async def select(pool: PoolName, body: SelectRequest, services: ServicesDep) -> 
             param="query",
         )
     selection = await services.pipeline.select(pool, body.query, body)
-    return selection.select_response(body.query)
+    # The header names the version every demonstration comes from, for clients that check
+    # consistency without parsing the body (and for the reliability suite's readers).
+    return JSONResponse(
+        selection.select_response(body.query),
+        headers={"X-Pool-Version": str(selection.version)},
+    )

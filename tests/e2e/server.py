@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,11 @@ def _iclserve() -> list[str]:
 
 
 class Server:
-    def __init__(self, data_dir: Path, upstream: FakeUpstream) -> None:
+    """`env` adds to (or overrides) the server's environment, e.g. its ICLSERVE_UPSTREAMS."""
+
+    def __init__(
+        self, data_dir: Path, upstream: FakeUpstream, *, env: Mapping[str, str] | None = None
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -42,7 +47,9 @@ class Server:
             "HF_HUB_OFFLINE": "1",
         }
         self.env.pop("ICLSERVE_EMBEDDING__KIND", None)
+        self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_s: float | None = None  # how long the last start() took to be ready
         self.log = data_dir.parent / f"server-{self.port}.log"
 
     def start(self) -> None:
@@ -52,12 +59,14 @@ class Server:
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 180
+        started = time.monotonic()
+        deadline = started + 180
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
                     if r.status == 200:
+                        self.ready_s = time.monotonic() - started
                         return
             except OSError:
                 pass
@@ -72,6 +81,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would, and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
         self.proc = None
 
     def get(self, path: str) -> Any:
