@@ -137,6 +137,12 @@ def export_onnx(path: Path) -> bytes:
         return out.read_bytes()
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _cached_graph(path: Path, cache_dir: Path | None) -> bytes:
     """The exported graph, from the cache when present; a fresh export is cached if possible."""
     key = _weights_key(path)
@@ -153,6 +159,9 @@ def _cached_graph(path: Path, cache_dir: Path | None) -> bytes:
                 fh.write(graph)
                 fh.flush()
                 os.fsync(fh.fileno())
+            # mkstemp makes the file private; the cache is read by other users too (an image
+            # exports the graph at build time as root and serves it as an unprivileged user).
+            os.chmod(tmp, 0o644 & ~_current_umask())
             os.replace(tmp, target)
         except OSError as exc:
             log.warning("cannot cache the ONNX graph in %s (%s); it stays in memory", target, exc)

@@ -272,13 +272,16 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
                 [100 * r["accuracy_ci95"][1] - y for y, (_, r) in zip(ys, shown, strict=True)],
             ]
             budget_ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=title)
+        settings = report["settings"]
+        # The labeled pool is the first `pool_size` training rows, fewer on a small dataset.
+        labeled_rows = min(settings["pool_size"], entry["dataset"]["rows"] - settings["test_size"])
         full = by_name.get("knn_last")
         if full is not None and full["accuracy"] is not None:
             budget_ax.axhline(
                 100 * full["accuracy"],
                 linestyle="--",
                 color="grey",
-                label=f"kNN, all {report['settings']['pool_size']} labeled",
+                label=f"kNN, all {labeled_rows:,} labeled",
             )
         budget_ax.set_xscale("log")
         budget_ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -99,6 +100,10 @@ def test_second_open_reads_the_cached_graph(
     files = list(cache_dir.glob("*.onnx"))
     assert len(files) == 1 and files[0].stat().st_size > 1_000_000
     assert not list(cache_dir.glob("*.tmp"))
+    # Readable by everyone (within the umask): an image's build user is not its run user.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert files[0].stat().st_mode & 0o777 == 0o644 & ~umask
 
     def no_export(path: Path) -> bytes:
         raise AssertionError("exported again despite the cache")
