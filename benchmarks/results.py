@@ -171,6 +171,15 @@ def write_results(quick: bool) -> None:
     print(f"wrote {RESULTS}")
 
 
+def _peer_installed() -> bool:
+    import importlib.util
+
+    return all(
+        importlib.util.find_spec(name) is not None
+        for name in ("langchain_core", "langchain_community")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -185,6 +194,11 @@ def main() -> None:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmarks: {', '.join(unknown)}")
+    if "select" in names and not args.report_only and not args.quick and not _peer_installed():
+        # Without the peer the select table has no ratio, and RESULTS.md no verdict on it.
+        parser.error(
+            "the LangChain peer is not installed: .venv/bin/pip install -r requirements/bench.txt"
+        )
     if not args.report_only:
         for name in names:
             run(name, args.quick)
