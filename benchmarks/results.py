@@ -2,7 +2,7 @@
 and the acceptance summary (issue targets, each ratio taken from the same run).
 
 Usage:
-    .venv/bin/python benchmarks/results.py            # full run, about an hour on 2 cores
+    .venv/bin/python benchmarks/results.py            # full run, about 30 minutes on 2 cores
     .venv/bin/python benchmarks/results.py --quick    # small sizes, a few minutes (a smoke test)
     .venv/bin/python benchmarks/results.py --only select,proxy   # rerun some, keep the rest
 
