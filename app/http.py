@@ -67,6 +67,17 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema(ref_template="#/components/schemas/{model}")
 
 
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """A route's `openapi_extra` declaring a required JSON body of `model`'s shape, for routes
+    that read their body by hand."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model_schema(model)}},
+        }
+    }
+
+
 def error_response(exc: ICLServeError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 

@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 
 from app.deps import ClientAuth, ServicesDep
 from app.errors import ICLServeError, InvalidRequest
-from app.http import error_responses, model_schema
+from app.http import error_responses, json_body
 from app.llm.client import UpstreamStream
 from app.pipeline import IclSpec, Selection
 from app.services import Services
@@ -74,15 +74,6 @@ class CompletionBody(BaseModel):
     prompt: str | list[str]
     stream: bool = False
     icl: IclSpec | None = Field(None, description="Demonstrations to prefix.")
-
-
-def _forwarded(body: type[BaseModel]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model_schema(body)}},
-        }
-    }
 
 
 # `stream: true` answers with server-sent events instead of JSON. Before OpenAPI 3.2, the
@@ -247,7 +238,7 @@ def _check_query(services: Services, query: str) -> None:
 @router.post(
     "/chat/completions",
     responses={**_STREAMED, **_UPSTREAM_ERRORS},
-    openapi_extra=_forwarded(ChatCompletionBody),
+    openapi_extra=json_body(ChatCompletionBody),
 )
 async def chat_completions(request: Request, services: ServicesDep) -> Response:
     """OpenAI chat completions, with demonstrations injected when `icl` is given."""
@@ -274,7 +265,7 @@ async def chat_completions(request: Request, services: ServicesDep) -> Response:
 @router.post(
     "/completions",
     responses={**_STREAMED, **_UPSTREAM_ERRORS},
-    openapi_extra=_forwarded(CompletionBody),
+    openapi_extra=json_body(CompletionBody),
 )
 async def completions(request: Request, services: ServicesDep) -> Response:
     """OpenAI text completions, with a demonstrations prefix when `icl` is given.

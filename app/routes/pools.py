@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 
 from app.deps import AdminAuth, ClientAuth, ServicesDep
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
-from app.http import error_responses, model_schema
+from app.http import error_responses, json_body, model_schema
 from app.ingest import detect_format, parse_upload
 from app.pipeline import POOL_NAME_PATTERN, SelectRequest
 from app.store import PoolSettingsUpdate, parse_annotations
@@ -79,12 +79,6 @@ _UPLOAD_BODY: dict[str, Any] = {
                 }
             },
         },
-    }
-}
-_ANNOTATION_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": model_schema(AnnotationBody)}},
     }
 }
 
@@ -188,7 +182,7 @@ async def page_examples(
     "/pools/{pool}/examples",
     dependencies=[AdminAuth],
     responses=error_responses(404, 409, 422),
-    openapi_extra=_ANNOTATION_BODY,
+    openapi_extra=json_body(AnnotationBody),
 )
 async def annotate_examples(pool: PoolName, request: Request, services: ServicesDep) -> Any:
     """Set outputs and labels (annotation); publishes a version without re-embedding."""
