@@ -26,6 +26,7 @@ the breaker is open, calls fail at once with `CircuitOpen` (503, `Retry-After`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -33,7 +34,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Final, cast
 
@@ -115,10 +116,10 @@ class _Call:
 def _health(outcome: str, status: int | None) -> Health:
     if outcome == "cancelled":
         return Health.NEUTRAL
-    if outcome == "ok" or (status is not None and 300 <= status < 500):
+    if outcome in ("ok", "rate_limited", "rejected") or (
+        status is not None and 300 <= status < 500
+    ):
         # Any answer below 500 (a refusal, a redirect, 401, 429) shows the upstream is up.
-        return Health.SUCCESS
-    if outcome in ("rate_limited", "rejected"):
         return Health.SUCCESS
     return Health.FAILURE
 
@@ -483,13 +484,11 @@ class UpstreamClient:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + upstream.total_timeout
-        status: int | None = None
-        try:
+        with self._reporting_failures(upstream, started, call, permit):
             # The outer clock covers everything, retry waits included; the inner clocks only
             # make the message precise.
             async with asyncio.timeout_at(deadline):
                 response = await self._send(upstream, "POST", path, content, deadline, call)
-                status = response.status_code
                 try:
                     raw = await self._read_body(upstream, response, deadline, _MAX_BODY_BYTES)
                 finally:
@@ -500,17 +499,7 @@ class UpstreamClient:
                 raise UpstreamError("upstream returned invalid JSON") from exc
             if not isinstance(answer, dict):
                 raise UpstreamError("upstream returned JSON that is not an object")
-        except TimeoutError as exc:
-            error = UpstreamTimeout(f"upstream did not answer within {upstream.total_timeout:g}s")
-            self._report_error(upstream, error, started, call, permit)
-            raise error from exc
-        except ICLServeError as error:
-            self._report_error(upstream, error, started, call, permit)
-            raise
-        except BaseException as exc:
-            self._report_abandoned(upstream, exc, started, permit)
-            raise
-        self._report(upstream, "ok", time.monotonic() - started, status, None, permit=permit)
+        self._report(upstream, "ok", time.monotonic() - started, call.status, None, permit=permit)
         return answer
 
     async def open_stream(self, path: str, body: dict[str, Any]) -> UpstreamStream:
@@ -529,19 +518,9 @@ class UpstreamClient:
         call = _Call()
         started = time.monotonic()
         deadline = asyncio.get_running_loop().time() + upstream.total_timeout
-        try:
+        with self._reporting_failures(upstream, started, call, permit):
             async with asyncio.timeout_at(deadline):
                 response = await self._send(upstream, "POST", path, content, deadline, call)
-        except TimeoutError as exc:
-            error = UpstreamTimeout(f"upstream did not answer within {upstream.total_timeout:g}s")
-            self._report_error(upstream, error, started, call, permit)
-            raise error from exc
-        except ICLServeError as error:
-            self._report_error(upstream, error, started, call, permit)
-            raise
-        except BaseException as exc:
-            self._report_abandoned(upstream, exc, started, permit)
-            raise
         return UpstreamStream(
             client=self,
             upstream=upstream,
@@ -814,6 +793,25 @@ class UpstreamClient:
             outcome = "error"
         seconds = time.monotonic() - started
         self._report(upstream, outcome, seconds, call.status, error.message, permit=permit)
+
+    @contextlib.contextmanager
+    def _reporting_failures(
+        self, upstream: Upstream, started: float, call: _Call, permit: Permit | None
+    ) -> Iterator[None]:
+        """Report a call that fails inside the block (the hook, the log and the breaker hear of
+        it once) and raise the outer deadline as our 504. The caller reports success."""
+        try:
+            yield
+        except TimeoutError as exc:
+            error = UpstreamTimeout(f"upstream did not answer within {upstream.total_timeout:g}s")
+            self._report_error(upstream, error, started, call, permit)
+            raise error from exc
+        except ICLServeError as error:
+            self._report_error(upstream, error, started, call, permit)
+            raise
+        except BaseException as exc:
+            self._report_abandoned(upstream, exc, started, permit)
+            raise
 
     def _report_abandoned(
         self, upstream: Upstream, exc: BaseException, started: float, permit: Permit | None
