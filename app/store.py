@@ -684,8 +684,7 @@ class PoolStore:
                 if row is None:
                     return
                 previous = int(row["active_version"]) - 1
-                oldest = min(self._pinned_versions(pool), default=previous)
-                oldest = min(oldest, previous)
+                oldest = min({previous, *self._pinned_versions(pool)})
                 with self.db.write() as conn:
                     self._forget_before(conn, pool, oldest)
                 fault_point("garbage_committed")
