@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -48,15 +49,19 @@ def write_vectors(path: Path, vectors: NDArray[np.float32]) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+        # What np.save writes, byte for byte; but np.save writes through ndarray.tofile,
+        # whose short-write error has no errno, and a full disk must be recognisable.
+        header = io.BytesIO()
+        npy_format.write_array_header_1_0(header, npy_format.header_data_from_array_1_0(matrix))
+        # Hashed from memory: reading the file back would be a second pass over all of it.
+        hasher = hashlib.sha256(header.getbuffer())
+        hasher.update(matrix.data)
         with tmp.open("wb") as fh:
-            # What np.save writes, byte for byte; but np.save writes through ndarray.tofile,
-            # whose short-write error has no errno, and a full disk must be recognisable.
-            npy_format.write_array_header_1_0(fh, npy_format.header_data_from_array_1_0(matrix))
+            fh.write(header.getbuffer())
             fh.write(matrix.data)
             fh.flush()
             os.fsync(fh.fileno())
         fault_point("vectors_written")
-        digest = sha256_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
@@ -71,7 +76,7 @@ def write_vectors(path: Path, vectors: NDArray[np.float32]) -> str:
             ) from exc
         raise
     fault_point("vectors_renamed")
-    return digest
+    return hasher.hexdigest()
 
 
 class CorruptVectorFile(RuntimeError):
