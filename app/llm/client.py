@@ -1,6 +1,7 @@
 """The one way out to the upstream LLMs: routing, clocks, retries and error mapping.
 
-Only this module and `app/llm/embeddings.py` import httpx. Everything that leaves here is
+Only this module, its transport for plain-HTTP upstreams (`app/llm/transport.py`) and
+`app/llm/embeddings.py` import httpx. Everything that leaves here is
 either the upstream's answer (a parsed JSON body, or raw SSE bytes) or one of our own errors
 from `app.errors`: never an upstream body, header or key.
 
@@ -49,6 +50,7 @@ from app.errors import (
     UpstreamTimeout,
 )
 from app.llm.breaker import CircuitBreaker, Clock, Health, Permit
+from app.llm.transport import FastHTTPTransport
 from app.settings import Upstream
 
 __all__ = [
@@ -407,6 +409,8 @@ class UpstreamClient:
         # Only connect is left to httpx; the other clocks are asyncio clocks in this module.
         # httpx's read/write/pool timeouts stay as a backstop at the total deadline.
         timeout = httpx.Timeout(upstream.total_timeout, connect=upstream.connect_timeout)
+        if transport is None and httpx.URL(upstream.base_url).scheme == "http":
+            transport = FastHTTPTransport()
         return httpx.AsyncClient(
             base_url=upstream.base_url,
             headers=headers,
