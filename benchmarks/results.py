@@ -30,12 +30,14 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     # name: (full arguments, quick arguments)
     "select": (["--sizes", "1000,10000,100000,1000000"], ["--quick"]),
     "proxy": ([], ["--quick"]),
+    "upstream_client": ([], ["--quick"]),
     "ingest": ([], ["--quick"]),
     "load": ([], ["--quick"]),
 }
 SCRIPTS = {
     "select": "select_latency.py",
     "proxy": "proxy.py",
+    "upstream_client": "upstream_client.py",
     "ingest": "ingest.py",
     "load": "load.py",
 }
