@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -81,13 +81,6 @@ class _BreakerCollector(Collector):
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        # Changed by the request middleware on the event loop only, so a plain int suffices.
-        self.requests_in_flight = 0
-        Gauge(
-            "iclserve_requests_in_flight",
-            "HTTP requests being served now",
-            registry=self.registry,
-        ).set_function(lambda: self.requests_in_flight)
         self.requests = Histogram(
             "iclserve_request_seconds",
             "HTTP request latency by route",

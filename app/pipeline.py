@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,9 +30,6 @@ from selection.ordering import OrderName, build_orderer
 from selection.specs import PresetSpec, SelectorSpec, SubsetSpec
 
 POOL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-
-INLINE_QUERY_CHARS = 1_000
-"""The longest query a lone request embeds on the event loop (about 250 tokens at most)."""
 
 
 class SelectParams(BaseModel):
@@ -139,17 +135,12 @@ class Pipeline:
         limits: Limits,
         default_k: int,
         observe_stage: Any = None,
-        requests_in_flight: Callable[[], int] | None = None,
     ) -> None:
-        """`requests_in_flight` counts the HTTP requests being served; with it, a lone
-        request with a short query selects on the event loop's thread (see `_runs_inline`).
-        Leave it None when the embedder is not computed here."""
         self.store = store
         self.embedder = embedder
         self.limits = limits
         self.default_k = default_k
         self._observe = observe_stage
-        self._requests_in_flight = requests_in_flight
         self.subsets: SubsetStore | None = None
         self.presets: PresetStore | None = None
 
@@ -288,23 +279,8 @@ class Pipeline:
         )
 
     async def select(self, pool: str, query: str, params: SelectParams) -> Selection:
-        if self._runs_inline(query):
-            return self.select_sync(pool, query, params)
-        return await anyio.to_thread.run_sync(self.select_sync, pool, query, params)
-
-    def _runs_inline(self, query: str) -> bool:
-        """Whether `select` may block the event loop instead of using a worker thread."""
         if isinstance(self.embedder, CachedEmbedder) and query in self.embedder:
             # Only the embedding is worth a worker thread: with it cached, the search, the
             # selection and the row lookup take less time than the hop to a thread and back.
-            return True
-        # The only request being served has nothing to wait for but its own embedding, and
-        # the event loop's thread runs it fastest: a worker thread woken for it tends to be
-        # placed on the idle core, which on small virtual machines runs the forward pass
-        # 1-2 ms slower. A short query bounds how long the loop is held; any concurrent
-        # request sends everything back to worker threads (and micro-batching).
-        return (
-            self._requests_in_flight is not None
-            and self._requests_in_flight() <= 1
-            and len(query) <= INLINE_QUERY_CHARS
-        )
+            return self.select_sync(pool, query, params)
+        return await anyio.to_thread.run_sync(self.select_sync, pool, query, params)
