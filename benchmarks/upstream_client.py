@@ -18,7 +18,6 @@ time per request (client work only: the upstream runs in its own process).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -45,7 +44,10 @@ BODY = {
 def httpx_call(client: httpx.AsyncClient, content: bytes) -> Callable[[], Awaitable[int]]:
     async def call() -> int:
         request = client.build_request(
-            "POST", "/chat/completions", content=content, headers={"Content-Type": "application/json"}
+            "POST",
+            "/chat/completions",
+            content=content,
+            headers={"Content-Type": "application/json"},
         )
         response = await client.send(request, stream=True)
         try:
