@@ -185,29 +185,43 @@ class BodySizeLimit:
 
 
 class RequestMetrics:
+    """Times every HTTP request by route and status, and counts the requests in flight."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        services = (scope.get("state") or {}).get("services")
+        if scope["type"] != "http" or services is None:
             await self.app(scope, receive, send)
             return
+        metrics = services.metrics
         started = time.perf_counter()
         status = 500
+        answered = False
+        # Read by the selection pipeline (`idle_before_s` on request.state).
+        scope["state"]["idle_before_s"] = metrics.request_started()
+
+        def leave() -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                metrics.request_answered()
 
         async def recording_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                # The client has its answer; cleanup after this (background tasks, closing
+                # an upstream stream) does not keep the server busy for the next request.
+                leave()
 
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            leave()
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            services = (scope.get("state") or {}).get("services")
-            if services is not None:
-                services.metrics.observe_request(
-                    scope["method"], path, status, time.perf_counter() - started
-                )
+            metrics.observe_request(scope["method"], path, status, time.perf_counter() - started)

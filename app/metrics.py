@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -79,8 +80,17 @@ class _BreakerCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = CollectorRegistry()
+        self._clock = clock
+        # Changed by the request middleware on the event loop only, so plain numbers suffice.
+        self.requests_in_flight = 0
+        self.idle_since = clock()
+        Gauge(
+            "iclserve_requests_in_flight",
+            "HTTP requests being served now",
+            registry=self.registry,
+        ).set_function(lambda: self.requests_in_flight)
         self.requests = Histogram(
             "iclserve_request_seconds",
             "HTTP request latency by route",
@@ -115,6 +125,17 @@ class Metrics:
             buckets=_SLOW,
             registry=self.registry,
         )
+
+    def request_started(self) -> float:
+        """Count a request in; the seconds the server had been idle before it (0 if busy)."""
+        idle = self._clock() - self.idle_since if self.requests_in_flight == 0 else 0.0
+        self.requests_in_flight += 1
+        return idle
+
+    def request_answered(self) -> None:
+        self.requests_in_flight -= 1
+        if self.requests_in_flight == 0:
+            self.idle_since = self._clock()
 
     def bind(self, store: PoolStore, cache: CachedEmbedder) -> None:
         self.registry.register(_StoreCollector(store, cache))

@@ -129,6 +129,10 @@ class Services:
             settings.limits,
             settings.default_k,
             observe_stage=metrics.observe_stage,
+            # A remote embedder waits on the network, which must never hold the event loop.
+            requests_in_flight=(
+                None if settings.embedding.kind == "openai" else lambda: metrics.requests_in_flight
+            ),
         )
         upstream = UpstreamClient(settings.upstreams, on_result=metrics.observe_upstream)
         metrics.bind_upstream(upstream)
