@@ -20,6 +20,7 @@ sending, `ReadError`/`ReadTimeout`/`RemoteProtocolError` while receiving, and
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections import deque
 from collections.abc import AsyncIterator
@@ -29,6 +30,10 @@ import httptools
 import httpx
 
 __all__ = ["FastHTTPTransport"]
+
+# The upstream client's logger. Debug lines name the host and port only: never a header,
+# a body or a key.
+logger = logging.getLogger("iclserve.upstream")
 
 _HIGH_WATER = 256 * 1024
 """Unread response bytes at which the socket stops being read (resumed at a quarter)."""
@@ -311,6 +316,7 @@ class FastHTTPTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectTimeout(f"connecting to {key[0]}:{key[1]} timed out") from exc
         except OSError as exc:
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        logger.debug("opened a connection to %s:%d", *key)
         return conn
 
     def _release(self, key: tuple[str, int], conn: _Connection) -> bool:
@@ -320,6 +326,7 @@ class FastHTTPTransport(httpx.AsyncBaseTransport):
             conns.append(conn)
             return True
         conn.close()
+        logger.debug("closed a connection to %s:%d (not reusable)", *key)
         return False
 
 

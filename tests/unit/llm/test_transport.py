@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -327,3 +328,15 @@ async def test_https_is_left_to_httpx() -> None:
     transport = FastHTTPTransport()
     with pytest.raises(httpx.UnsupportedProtocol):
         await transport.handle_async_request(httpx.Request("GET", "https://127.0.0.1:1/"))
+
+
+async def test_logs_connections_at_debug_without_headers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="iclserve.upstream")
+    async with raw_server(answering(OK_JSON)) as server:
+        async with client(server.url, headers={"Authorization": "Bearer secret-key"}) as http:
+            await http.post("/x", content=b"{}")
+    host = server.url.removeprefix("http://")
+    assert f"opened a connection to {host}" in caplog.text
+    assert "secret-key" not in caplog.text
