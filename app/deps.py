@@ -24,11 +24,6 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def idle_before(request: Request) -> float:
-    """Seconds the server had been idle when `request` arrived (0 if it was busy)."""
-    return float(getattr(request.state, "idle_before_s", 0.0))
-
-
 def _presented_key(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if header is None:

@@ -199,8 +199,7 @@ class RequestMetrics:
         started = time.perf_counter()
         status = 500
         answered = False
-        # Read by the selection pipeline (`idle_before_s` on request.state).
-        scope["state"]["idle_before_s"] = metrics.request_started()
+        metrics.request_started()
 
         def leave() -> None:
             nonlocal answered

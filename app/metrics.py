@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -80,12 +79,10 @@ class _BreakerCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._clock = clock
         # Changed by the request middleware on the event loop only, so plain numbers suffice.
         self.requests_in_flight = 0
-        self.idle_since = clock()
         Gauge(
             "iclserve_requests_in_flight",
             "HTTP requests being served now",
@@ -126,16 +123,11 @@ class Metrics:
             registry=self.registry,
         )
 
-    def request_started(self) -> float:
-        """Count a request in; the seconds the server had been idle before it (0 if busy)."""
-        idle = self._clock() - self.idle_since if self.requests_in_flight == 0 else 0.0
+    def request_started(self) -> None:
         self.requests_in_flight += 1
-        return idle
 
     def request_answered(self) -> None:
         self.requests_in_flight -= 1
-        if self.requests_in_flight == 0:
-            self.idle_since = self._clock()
 
     def bind(self, store: PoolStore, cache: CachedEmbedder) -> None:
         self.registry.register(_StoreCollector(store, cache))

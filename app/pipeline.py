@@ -6,6 +6,7 @@ order -> load the rows -> render. The CPU-bound part runs in one worker thread h
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable
@@ -35,8 +36,11 @@ POOL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 INLINE_QUERY_CHARS = 1_000
 """The longest query a lone request embeds on the event loop (about 250 tokens at most)."""
 
-INLINE_AFTER_IDLE_S = 0.001
-"""How long the server must have been idle before a request for it to embed on the loop."""
+LOOP_TURNS_BEFORE_INLINE = 3
+"""Event-loop turns a lone request lets pass before deciding to embed on the loop, so that
+requests already in the server's socket buffers are read and counted: in the worst case one
+turn polls the sockets, the next runs the read handlers (which start the requests' tasks),
+and the next runs those tasks into the request middleware."""
 
 
 class SelectParams(BaseModel):
@@ -145,7 +149,7 @@ class Pipeline:
         requests_in_flight: Callable[[], int] | None = None,
     ) -> None:
         """`requests_in_flight` counts the HTTP requests being served; with it, a lone
-        request with a short query selects on the event loop's thread (see `_runs_inline`).
+        request with a short query selects on the event loop's thread (see `_may_embed_inline`).
         Leave it None when the embedder is not computed here."""
         self.store = store
         self.embedder = embedder
@@ -290,30 +294,33 @@ class Pipeline:
             timing_ms={name: round(ms, 3) for name, ms in timing.items()},
         )
 
-    async def select(
-        self, pool: str, query: str, params: SelectParams, *, idle_before_s: float = 0.0
-    ) -> Selection:
-        """`idle_before_s`: how long the server had been idle when this request arrived."""
-        if self._runs_inline(query, idle_before_s):
-            return self.select_sync(pool, query, params)
-        return await anyio.to_thread.run_sync(self.select_sync, pool, query, params)
-
-    def _runs_inline(self, query: str, idle_before_s: float) -> bool:
-        """Whether `select` may block the event loop instead of using a worker thread."""
-        if isinstance(self.embedder, CachedEmbedder) and query in self.embedder:
+    async def select(self, pool: str, query: str, params: SelectParams) -> Selection:
+        if self._embedding_is_cached(query):
             # Only the embedding is worth a worker thread: with it cached, the search, the
             # selection and the row lookup take less time than the hop to a thread and back.
-            return True
-        # A request that found the server idle, and is still alone, has nothing to wait for
-        # but its own embedding, and the event loop's thread runs it fastest: a worker thread
-        # woken for it tends to be placed on the idle core, which on small virtual machines
-        # runs the forward pass 1-2 ms slower. "Found it idle" matters: under load, requests
-        # still unread in the kernel are not counted yet, and one read just after another
-        # finished looks alone; embedding it here would keep the rest unread, one at a time.
-        # A short query bounds how long the loop is held.
-        return (
-            self._requests_in_flight is not None
-            and idle_before_s >= INLINE_AFTER_IDLE_S
-            and self._requests_in_flight() <= 1
-            and len(query) <= INLINE_QUERY_CHARS
-        )
+            return self.select_sync(pool, query, params)
+        if self._may_embed_inline(query):
+            # Requests already received but not yet read count as company only once they
+            # have started; embedding here first would keep them unread, and under load each
+            # would in turn look alone: a convoy on the loop instead of shared batches.
+            for _ in range(LOOP_TURNS_BEFORE_INLINE):
+                await asyncio.sleep(0)
+            if self._alone():
+                return self.select_sync(pool, query, params)
+        return await anyio.to_thread.run_sync(self.select_sync, pool, query, params)
+
+    def _embedding_is_cached(self, query: str) -> bool:
+        return isinstance(self.embedder, CachedEmbedder) and query in self.embedder
+
+    def _alone(self) -> bool:
+        return self._requests_in_flight is not None and self._requests_in_flight() <= 1
+
+    def _may_embed_inline(self, query: str) -> bool:
+        """Whether a request may embed its query on the event loop's thread.
+
+        A request that is the only one in flight has nothing to wait for but its own
+        embedding, and the event loop's thread runs it fastest: a worker thread woken for it
+        tends to be placed on an idle core, which on small virtual machines runs the forward
+        pass 1-2 ms slower. A short query bounds how long the loop is held.
+        """
+        return self._alone() and len(query) <= INLINE_QUERY_CHARS

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
-from app.deps import ClientAuth, ServicesDep, idle_before
+from app.deps import ClientAuth, ServicesDep
 from app.errors import ICLServeError, InvalidRequest
 from app.http import error_responses, json_body
 from app.llm.client import UpstreamStream
@@ -257,9 +257,7 @@ async def chat_completions(request: Request, services: ServicesDep) -> Response:
                 "icl needs a query: set icl.query or end with a user message", param="icl.query"
             )
         _check_query(services, query)
-        selection = await services.pipeline.select(
-            spec.pool, query, spec, idle_before_s=idle_before(request)
-        )
+        selection = await services.pipeline.select(spec.pool, query, spec)
         body["messages"] = inject_demonstrations(messages, selection)
     return await _forward(request, services, "/chat/completions", body, selection)
 
@@ -288,9 +286,7 @@ async def completions(request: Request, services: ServicesDep) -> Response:
             )
         query = spec.query or prompt
         _check_query(services, query)
-        selection = await services.pipeline.select(
-            spec.pool, query, spec, idle_before_s=idle_before(request)
-        )
+        selection = await services.pipeline.select(spec.pool, query, spec)
         if spec.query is None:
             body["prompt"] = render_text(selection.template, selection.demos, prompt)
         else:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from app.deps import AdminAuth, ClientAuth, ServicesDep, idle_before
+from app.deps import AdminAuth, ClientAuth, ServicesDep
 from app.errors import InvalidRequest, NotFound, PayloadTooLarge
 from app.http import error_responses, json_body, model_schema
 from app.ingest import detect_format, parse_upload
@@ -198,18 +198,14 @@ async def annotate_examples(pool: PoolName, request: Request, services: Services
 
 
 @router.post("/pools/{pool}/select", dependencies=[ClientAuth], responses=error_responses(404, 409))
-async def select(
-    pool: PoolName, body: SelectRequest, request: Request, services: ServicesDep
-) -> Any:
+async def select(pool: PoolName, body: SelectRequest, services: ServicesDep) -> Any:
     """Dry run: the demonstrations, messages and text prompt a request would get."""
     if len(body.query) > services.settings.limits.max_field_chars:
         raise InvalidRequest(
             f"query is longer than {services.settings.limits.max_field_chars} characters",
             param="query",
         )
-    selection = await services.pipeline.select(
-        pool, body.query, body, idle_before_s=idle_before(request)
-    )
+    selection = await services.pipeline.select(pool, body.query, body)
     # The header names the version every demonstration comes from, for clients that check
     # consistency without parsing the body (and for the reliability suite's readers).
     return JSONResponse(

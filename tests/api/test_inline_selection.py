@@ -1,23 +1,27 @@
-"""Where a selection embeds its query: on the event loop when the request found the server
-idle and is still alone, else on a worker thread (with micro-batching). Checked through the
-real request middleware."""
+"""Where a selection embeds its query: on the event loop when the request is the only one in
+flight, else on a worker thread (with micro-batching). Checked through the real request
+middleware, and with requests waiting in the kernel on a real uvicorn server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from numpy.typing import NDArray
 
 from app.main import create_app
-from app.metrics import Metrics
-from app.pipeline import INLINE_AFTER_IDLE_S, INLINE_QUERY_CHARS, Pipeline
+from app.pipeline import INLINE_QUERY_CHARS
 from app.settings import EmbeddingSettings, Settings
 from retrievers.hashing import HashingEmbedder
 from tests.conftest import make_settings, upload
@@ -58,8 +62,7 @@ def recording_client(settings: Settings, embedder: LoopRecordingEmbedder) -> Ite
         yield client
 
 
-def select(client: TestClient, query: str, *, after_idle: float = 0.01) -> None:
-    time.sleep(after_idle)  # the server idle for a moment, as between a lone client's calls
+def select(client: TestClient, query: str) -> None:
     response = client.post("/v1/pools/p/select", json={"query": query, "k": 3})
     assert response.status_code == 200, response.text
 
@@ -126,32 +129,115 @@ def test_a_remote_embedder_never_embeds_on_the_event_loop(
     assert embedder.on_loop["the striker scored in the final"] is False
 
 
-def test_idle_time_is_counted_from_the_last_answer() -> None:
-    clock = [100.0]
-    metrics = Metrics(clock=lambda: clock[0])
-    clock[0] = 100.5
-    assert metrics.request_started() == pytest.approx(0.5)
-    clock[0] = 100.6
-    assert metrics.request_started() == 0.0  # the first one is still being served
-    metrics.request_answered()
-    clock[0] = 100.7
-    metrics.request_answered()
-    clock[0] = 100.7004
-    assert metrics.request_started() == pytest.approx(0.0004)
-    assert metrics.requests_in_flight == 1
+HOLD = "hold the event loop here"
 
 
-def test_a_request_read_just_after_another_was_answered_goes_to_a_worker_thread(
-    settings: Settings,
-) -> None:
-    # Under load the next request is read as soon as the previous one is answered, while
-    # the others still wait unread in the kernel: it looks alone, but the server was not idle.
-    alone = Pipeline(
-        None,  # type: ignore[arg-type]  # the decision reads neither the store nor the pool
-        HashingEmbedder(dim=64),
-        settings.limits,
-        default_k=3,
-        requests_in_flight=lambda: 1,
+class HoldingEmbedder(LoopRecordingEmbedder):
+    """Embedding HOLD blocks its thread (the event loop's, for a lone request) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        if HOLD in texts:
+            self.holding.set()
+            self.release.wait(timeout=10)
+        return super().embed(texts)
+
+
+@contextmanager
+def served(app: object, loop: str) -> Iterator[tuple[str, int]]:
+    """`app` served by uvicorn on 127.0.0.1 in a thread of this process."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        loop=loop,
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        log_level=None,
+        timeout_graceful_shutdown=1,
     )
-    assert alone._runs_inline("a query", idle_before_s=INLINE_AFTER_IDLE_S) is True
-    assert alone._runs_inline("a query", idle_before_s=INLINE_AFTER_IDLE_S / 2) is False
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield "127.0.0.1", port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def post_select(conn: http.client.HTTPConnection, query: str) -> None:
+    body = json.dumps({"query": query, "k": 3})
+    conn.request("POST", "/v1/pools/p/select", body, {"Content-Type": "application/json"})
+
+
+def answered(conn: http.client.HTTPConnection) -> int:
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+@pytest.fixture
+def holding() -> HoldingEmbedder:
+    return HoldingEmbedder()
+
+
+@pytest.fixture
+def seeded(settings: Settings, holding: HoldingEmbedder) -> Settings:
+    with TestClient(create_app(settings, embedder=holding)) as client:
+        upload(client, "p", topic_rows(60))
+    return settings
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_requests_that_waited_together_in_the_kernel_all_go_to_worker_threads(
+    seeded: Settings, holding: HoldingEmbedder, loop: str
+) -> None:
+    # Under load, requests arrive while the loop is busy and are read together. The first one
+    # started looks alone until the others have started too; embedding it on the loop would
+    # keep them waiting, and then each of them would look alone in turn.
+    queries = [f"the waiting request number {i}" for i in range(6)]
+    with served(create_app(seeded, embedder=holding), loop) as (host, port):
+        conns = [http.client.HTTPConnection(host, port, timeout=30) for _ in queries]
+        for i, conn in enumerate(conns):  # keep-alive connections, already accepted
+            post_select(conn, f"warm-up {i}")
+            assert answered(conn) == 200
+        holder = http.client.HTTPConnection(host, port, timeout=30)
+        post_select(holder, HOLD)
+        assert holding.holding.wait(timeout=10)
+        assert holding.on_loop.get(HOLD) is None  # still inside the embedding
+        for conn, query in zip(conns, queries, strict=True):
+            post_select(conn, query)
+        time.sleep(0.2)  # all six are in the server's socket buffers, unread
+        holding.release.set()
+        assert answered(holder) == 200
+        assert [answered(conn) for conn in conns] == [200] * len(conns)
+        for conn in [*conns, holder]:
+            conn.close()
+    assert holding.on_loop[HOLD] is True
+    assert {q: holding.on_loop[q] for q in queries} == dict.fromkeys(queries, False)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_calling_back_to_back_embeds_on_the_event_loop(
+    seeded: Settings, holding: HoldingEmbedder, loop: str
+) -> None:
+    queries = [f"one call right after the other {i}" for i in range(5)]
+    with served(create_app(seeded, embedder=holding), loop) as (host, port):
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        for query in queries:
+            post_select(conn, query)
+            assert answered(conn) == 200
+        conn.close()
+    assert [holding.on_loop[q] for q in queries] == [True] * len(queries)
