@@ -75,6 +75,7 @@ def _local_embedder(
         model=config.model,
         batch_size=config.batch_size,
         threads=config.threads,
+        pin_threads=config.pin_threads,
         cache_dir=cache_dir or config.onnx_cache_dir or default_cache_dir(),
     )
     if config.backend == "onnx":

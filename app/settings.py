@@ -116,6 +116,11 @@ class EmbeddingSettings(BaseModel):
     threads: int | None = Field(
         None, ge=1, le=256, description="ONNX Runtime threads per forward pass (CPU count)."
     )
+    pin_threads: bool = Field(
+        True,
+        description="Pin a forward pass's threads to distinct CPUs when it follows an idle "
+        "spell (ONNX backend, Linux); passes under load are never pinned.",
+    )
     onnx_cache_dir: Path | None = Field(
         None,
         description="Where exported ONNX graphs are kept (default: ~/.cache/iclserve/onnx; "

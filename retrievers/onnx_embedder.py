@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from retrievers.placement import IdlePassPinning, thread_ids
 from retrievers.sentence_transformer import DEFAULT_MODEL_NAME, packaged_model_path
 
 log = logging.getLogger("iclserve")
@@ -180,7 +181,9 @@ class OnnxEmbedder:
     `name` is the same as `SentenceTransformerEmbedder`'s for the same model, because the
     vectors are the same (so pools embedded by either can be searched by the other).
     `threads` is ONNX Runtime's intra-op thread count (default: the CPU count). `cache_dir`
-    holds exported graphs (None: no cache, export at every start).
+    holds exported graphs (None: no cache, export at every start). With `pin_threads`, a
+    pass that follows an idle spell runs with its threads pinned to distinct CPUs
+    (`retrievers.placement`); `pinning` is None where that cannot be arranged.
 
     `embed` sorts a call's texts by length and runs them in batches of `batch_size`, so that
     little padding is computed; it returns (len(texts), dim) float32 rows of unit norm.
@@ -195,6 +198,7 @@ class OnnxEmbedder:
         batch_size: int = 64,
         threads: int | None = None,
         cache_dir: Path | None = None,
+        pin_threads: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
@@ -202,6 +206,8 @@ class OnnxEmbedder:
         self.batch_size = batch_size
         self.threads = threads or os.cpu_count() or 1
         self.cache_dir = cache_dir
+        self.pin_threads = pin_threads
+        self.pinning: IdlePassPinning | None = None
         self.name = DEFAULT_MODEL_NAME if model is None else model
         self._lock = threading.Lock()
         self._session: Any = None
@@ -248,10 +254,28 @@ class OnnxEmbedder:
             # Idle worker threads would otherwise spin between requests and take the CPU
             # from the event loop and the index scan on a 2-core box.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            before = thread_ids()
             session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            self.pinning = self._pinning(before)
             self._tokenizer, self._layout = tokenizer, layout
             self._session = session
             self._dim = int(self._run(["dimension probe"]).shape[1])
+
+    def _pinning(self, threads_before: set[int] | None) -> IdlePassPinning | None:
+        """Pinning for the new session's pool: the threads its constructor started."""
+        after = thread_ids()
+        if not self.pin_threads or self.threads < 2 or threads_before is None or after is None:
+            return None
+        pool = sorted(after - threads_before)
+        if len(pool) != self.threads - 1:
+            # Another thread started meanwhile, or this runtime manages its pool otherwise.
+            log.info(
+                "embedding: found %d new threads for a pool of %d; not pinning",
+                len(pool),
+                self.threads - 1,
+            )
+            return None
+        return IdlePassPinning(pool, sorted(os.sched_getaffinity(0)))
 
     def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
         batch = list(texts)
@@ -271,9 +295,12 @@ class OnnxEmbedder:
         input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         types = np.array([e.type_ids for e in encodings], dtype=np.int64)
-        (hidden,) = self._session.run(
-            None, {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types}
-        )
+        feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types}
+        if self.pinning is not None:
+            with self.pinning.during_pass():
+                (hidden,) = self._session.run(None, feeds)
+        else:
+            (hidden,) = self._session.run(None, feeds)
         if self._layout["pooling"] == "cls":
             pooled = hidden[:, 0, :]
         else:
