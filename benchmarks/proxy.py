@@ -12,7 +12,8 @@ pool of `topic_rows(pool_size)` texts (outputs = their topic labels) uploaded on
 (JSONL, `mode=replace`) and embedded by the server with the packaged MiniLM; then two
 iclserve processes on copies of that data directory, both routing every model to the fake:
   A  ICLSERVE_EMBEDDING__CACHE_SIZE=0: every request embeds its query (the honest case);
-  B  the default query-embedding cache: each query is sent twice, only the second is timed.
+  B  the default query-embedding cache, filled with every timed query (one untimed request
+     each) before the timed part.
 
 Timed series, one request at a time on one keep-alive connection each, N distinct real text
 queries (`topic_rows(N, seed=99)` inputs; warm-up uses other ones), every series in turn for
@@ -20,7 +21,7 @@ each query (the order rotates), so all series see the same background load:
   direct                  the fake upstream, body without `icl`
   iclserve pass-through   server A, body without `icl`
   iclserve + icl          server A, `"icl": {"pool": POOL, "k": K}`
-  iclserve + icl cached   server B, the same body, sent twice, the second timed
+  iclserve + icl cached   server B, the same body, its query embedding cached
 each non-streaming and with `stream: true`. Streaming rows are given to the last byte and to
 the first body byte (the first SSE chunk). "added p50" is the row's p50 minus the direct p50 of
 the same timing. Bodies: `{"model": "bench", "messages": [{"role": "user", "content": q}],
@@ -182,7 +183,7 @@ def answer_label(body: bytes) -> str | None:
 
 
 SERIES = (
-    # name, server ("direct" | "A" | "B"), icl, prime
+    # name, server ("direct" | "A" | "B"), icl, whether its cache is filled before timing
     ("direct", "direct", False, False),
     ("iclserve pass-through", "A", False, False),
     ("iclserve + icl", "A", True, False),
@@ -212,17 +213,23 @@ async def measure(
         return post_bytes(urls[server], "/chat/completions", body, key=key)
 
     keys = list(timers)
-    primes = {name: prime for name, _s, _i, prime in SERIES}
     for query in warm_queries:
         for name, stream in keys:
             await timers[(name, stream)].send(raw(name, stream, query))
+    # The cached series' queries go to server B once, untimed, before the timed part: a
+    # forward pass in that neighbour process, in the middle of the rotation, would load the
+    # cores and caches under the other series' timed requests.
+    for name, _server, _icl, prime in SERIES:
+        if prime:
+            for query in queries:
+                await timers[(name, False)].send(raw(name, False, query))
     labels = {"match": 0, "answers": 0}
     for i, (query, topic) in enumerate(zip(queries, topics, strict=True)):
         # Encode outside the timed calls; rotate the order so no series always goes first.
         raws = {key: raw(key[0], key[1], query) for key in keys}
         for j in range(len(keys)):
             name, stream = keys[(i + j) % len(keys)]
-            reply = await timers[(name, stream)].measure(raws[(name, stream)], prime=primes[name])
+            reply = await timers[(name, stream)].measure(raws[(name, stream)])
             if name == "iclserve + icl" and not stream and reply is not None:
                 labels["answers"] += 1
                 labels["match"] += answer_label(reply.body) == topic
