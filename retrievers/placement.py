@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 log = logging.getLogger("iclserve")
 
-IDLE_BEFORE_PINNING_S = 0.002
+IDLE_BEFORE_PINNING_S = 0.005
 """A pass pins its threads when no pass has run for this long (back-to-back passes do not)."""
 
 
