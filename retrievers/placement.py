@@ -66,8 +66,8 @@ class IdlePassPinning:
         *,
         idle_after_s: float = IDLE_BEFORE_PINNING_S,
         clock: Callable[[], float] = time.monotonic,
-        set_affinity: Callable[[int, set[int]], None] = os.sched_setaffinity,
-        get_affinity: Callable[[int], set[int]] = os.sched_getaffinity,
+        set_affinity: Callable[[int, set[int]], None] | None = None,
+        get_affinity: Callable[[int], set[int]] | None = None,
         current_cpu: Callable[[], int] | None = None,
     ) -> None:
         self.pool_threads = list(pool_threads)
@@ -76,8 +76,9 @@ class IdlePassPinning:
         self.pinned_passes = 0
         self._idle_after_s = idle_after_s
         self._clock = clock
-        self._set_affinity = set_affinity
-        self._get_affinity = get_affinity
+        # Looked up here, not in the signature: the module imports on systems without them.
+        self._set_affinity = set_affinity or os.sched_setaffinity
+        self._get_affinity = get_affinity or os.sched_getaffinity
         self._current_cpu = current_cpu or _current_cpu_reader()
         self._lock = threading.Lock()
         self._running = 0
