@@ -13,10 +13,14 @@ dataset): the first `--pool` as the pool, the next `--queries` as queries. Rows:
                  feed-forward input MatMuls, only the attention Q/K/V MatMuls
 
 Latency: one query per call, p50/p95 over the queries after 20 warm-up calls, for 1 and 2
-intra-op threads. Throughput: texts/s embedding 256 queries in batches of 64. Quality:
-recall@8 of each row's query vectors against the pool's fp32 vectors, relative to the fp32
-query's exact top-8 (what a query embedded that way would retrieve from a pool uploaded in
-fp32), and the mean cosine between the row's query vectors and the fp32 ones.
+intra-op threads. A second table times the default embedder (2 threads) on one query after a
+pause of 0, 5, 20 and 50 ms, as a lone request sees it, with CPU pinning of passes that
+follow an idle spell (`retrievers/placement.py`) and without; the two embedders alternate
+query by query, so both see the same machine. Throughput: texts/s embedding 256 queries in
+batches of 64. Quality: recall@8 of each row's query vectors against the pool's fp32
+vectors, relative to the fp32 query's exact top-8 (what a query embedded that way would
+retrieve from a pool uploaded in fp32), and the mean cosine between the row's query vectors
+and the fp32 ones.
 
 Every figure comes from this one run; `--quick` uses a 2,000-row pool and 100 queries.
 """
@@ -115,6 +119,45 @@ def quantized_graphs(graph: bytes, workdir: Path) -> dict[str, bytes]:
         )
         out[name] = target.read_bytes()
     return out
+
+
+PAUSES_MS = (0, 5, 20, 50)
+
+
+def after_pauses(queries: Sequence[str]) -> list[dict[str, Any]]:
+    """p50/p95 of one query after each pause, pinned and unpinned, interleaved."""
+    from retrievers.onnx_embedder import OnnxEmbedder, default_cache_dir
+
+    embedders = {
+        pin: OnnxEmbedder(threads=2, cache_dir=default_cache_dir(), pin_threads=pin)
+        for pin in (False, True)
+    }
+    for embedder in embedders.values():
+        embedder.open()
+        for q in queries[:WARMUP]:
+            embedder.embed([q])
+    rows = []
+    for pause in PAUSES_MS:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for i, q in enumerate(queries):
+            for pin in (i % 2 == 0, i % 2 == 1):
+                time.sleep(pause / 1e3)
+                started = time.perf_counter()
+                embedders[pin].embed([q])
+                times[pin].append((time.perf_counter() - started) * 1e3)
+        for pin, samples in times.items():
+            samples.sort()
+            pinning = embedders[pin].pinning
+            rows.append(
+                {
+                    "pause_ms": pause,
+                    "pinning": "on" if pin else "off",
+                    "p50_ms": statistics.median(samples),
+                    "p95_ms": samples[int(0.95 * (len(samples) - 1))],
+                    "pinned_passes": pinning.pinned_passes if pinning is not None else 0,
+                }
+            )
+    return rows
 
 
 def onnx_embedder(threads: int, graph: bytes | None = None) -> Any:
@@ -223,8 +266,20 @@ def main() -> None:
             ],
         )
     )
+    print("# one query after a pause (2 threads)", file=sys.stderr, flush=True)
+    paused = after_pauses(queries)
+    print()
+    print(
+        table(
+            ["pause before the query ms", "CPU pinning", "p50 ms", "p95 ms", "pinned passes"],
+            [
+                [r["pause_ms"], r["pinning"], r["p50_ms"], r["p95_ms"], r["pinned_passes"]]
+                for r in paused
+            ],
+        )
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"backends": rows, "after_pause": paused}, indent=2))
 
 
 if __name__ == "__main__":
