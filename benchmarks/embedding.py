@@ -16,7 +16,8 @@ Latency: one query per call, p50/p95 over the queries after 20 warm-up calls, fo
 intra-op threads. A second table times the default embedder (2 threads) on one query after a
 pause of 0, 5, 20 and 50 ms, as a lone request sees it, with CPU pinning of passes that
 follow an idle spell (`retrievers/placement.py`) and without; the two embedders alternate
-query by query, so both see the same machine. Throughput: texts/s embedding 256 queries in
+query by query, so both see the same machine (each also idles during the other's pass, so
+even the 0 ms rows follow a few ms of idleness). Throughput: texts/s embedding 256 queries in
 batches of 64. Quality: recall@8 of each row's query vectors against the pool's fp32
 vectors, relative to the fp32 query's exact top-8 (what a query embedded that way would
 retrieve from a pool uploaded in fp32), and the mean cosine between the row's query vectors
