@@ -75,6 +75,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def speed_probe() -> str:
+    """How fast this machine is right now, by two fixed tasks (larger: a slower moment).
+
+    On a shared virtual machine the same code runs up to twice as slow from one quarter of an
+    hour to the next; the probe tells runs made in different phases apart.
+    """
+    import numpy as np
+
+    a = np.random.default_rng(0).random((64, 1536), dtype=np.float32)
+    b = np.random.default_rng(1).random((1536, 384), dtype=np.float32)
+    times = []
+    for _ in range(200):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    loop_s = time.perf_counter() - started
+    return (
+        f"64x1536x384 float32 matmul p50 {sorted(times)[100] * 1e6:.0f} us, "
+        f"2M-step Python loop {loop_s * 1e3:.0f} ms"
+    )
+
+
 def machine_header(title: str, extra: dict[str, Any] | None = None) -> str:
     """Markdown lines naming the machine, thread settings and versions of this run."""
     flags = ""
@@ -109,6 +135,7 @@ def machine_header(title: str, extra: dict[str, Any] | None = None) -> str:
         f" ({flags}); python {platform.python_version()}",
         f"- threads: {', '.join(f'{k}={v}' for k, v in threads.items())}",
         f"- versions: {versions}",
+        f"- speed probe at the end of the run: {speed_probe()}",
     ]
     for key, value in (extra or {}).items():
         lines.append(f"- {key}: {value}")
