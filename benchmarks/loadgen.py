@@ -418,11 +418,9 @@ class Timer:
             self._failure = f"{_classify(exc)}: {type(exc).__name__}: {exc}"[:200]
             return None
 
-    async def measure(self, raw: bytes, *, prime: bool = False) -> Reply | None:
-        """Time one request (after sending it once untimed when `prime`) and record it."""
+    async def measure(self, raw: bytes) -> Reply | None:
+        """Time one request and record it."""
         out = self.result
-        if prime:
-            await self.send(raw)
         reply = await self.send(raw, keep_body=self.check is not None or not out.first_body)
         if reply is None:
             out.errors.append(self._failure)
@@ -449,16 +447,14 @@ async def sequential(
     raws: Sequence[bytes],
     *,
     warmup: int = 0,
-    prime_each: bool = False,
     timeout_s: float = 60.0,
     max_seconds: float = 3600.0,
     check: Callable[[Reply], str | None] | None = None,
 ) -> SequentialResult:
     """One keep-alive connection, one request at a time: `warmup` untimed, then each of `raws`.
 
-    Warm-up requests cycle through `raws` before the timed pass. With `prime_each`, each
-    request is first sent once untimed (so the timed one finds every cache warm). The timed
-    pass stops early after `max_seconds`. See `Timer` for `check`.
+    Warm-up requests cycle through `raws` before the timed pass. The timed pass stops early
+    after `max_seconds`. See `Timer` for `check`.
     """
     timer = Timer(url, timeout_s=timeout_s, check=check)
     try:
@@ -468,7 +464,7 @@ async def sequential(
         for raw in raws:
             if time.perf_counter() >= deadline:
                 break
-            await timer.measure(raw, prime=prime_each)
+            await timer.measure(raw)
     finally:
         timer.close()
     return timer.result
