@@ -62,6 +62,11 @@ def texts(pool: int, queries: int) -> tuple[list[str], list[str]]:
     return items[:pool], items[pool : pool + queries]
 
 
+def p50_p95(times_ms: list[float]) -> dict[str, float]:
+    times = sorted(times_ms)
+    return {"p50": statistics.median(times), "p95": times[int(0.95 * (len(times) - 1))]}
+
+
 def latency(embed: Callable[[list[str]], Any], queries: Sequence[str]) -> dict[str, float]:
     for q in queries[:WARMUP]:
         embed([q])
@@ -70,8 +75,7 @@ def latency(embed: Callable[[list[str]], Any], queries: Sequence[str]) -> dict[s
         started = time.perf_counter()
         embed([q])
         times.append((time.perf_counter() - started) * 1e3)
-    times.sort()
-    return {"p50": statistics.median(times), "p95": times[int(0.95 * (len(times) - 1))]}
+    return p50_p95(times)
 
 
 def throughput(embed: Callable[[list[str]], Any], queries: Sequence[str]) -> float:
@@ -147,14 +151,14 @@ def after_pauses(queries: Sequence[str]) -> list[dict[str, Any]]:
                 embedders[pin].embed([q])
                 times[pin].append((time.perf_counter() - started) * 1e3)
         for pin, samples in times.items():
-            samples.sort()
             pinning = embedders[pin].pinning
+            lat = p50_p95(samples)
             rows.append(
                 {
                     "pause_ms": pause,
                     "pinning": "on" if pin else "off",
-                    "p50_ms": statistics.median(samples),
-                    "p95_ms": samples[int(0.95 * (len(samples) - 1))],
+                    "p50_ms": lat["p50"],
+                    "p95_ms": lat["p95"],
                     "pinned_passes": pinning.pinned_passes if pinning is not None else 0,
                 }
             )
