@@ -188,6 +188,11 @@ def answered(conn: http.client.HTTPConnection) -> int:
     return response.status
 
 
+def select_over(conn: http.client.HTTPConnection, query: str) -> None:
+    post_select(conn, query)
+    assert answered(conn) == 200
+
+
 @pytest.fixture
 def holding() -> HoldingEmbedder:
     return HoldingEmbedder()
@@ -211,8 +216,7 @@ def test_requests_that_waited_together_in_the_kernel_all_go_to_worker_threads(
     with served(create_app(seeded, embedder=holding), loop) as (host, port):
         conns = [http.client.HTTPConnection(host, port, timeout=30) for _ in queries]
         for i, conn in enumerate(conns):  # keep-alive connections, already accepted
-            post_select(conn, f"warm-up {i}")
-            assert answered(conn) == 200
+            select_over(conn, f"warm-up {i}")
         holder = http.client.HTTPConnection(host, port, timeout=30)
         post_select(holder, HOLD)
         assert holding.holding.wait(timeout=10)
@@ -237,7 +241,6 @@ def test_a_client_calling_back_to_back_embeds_on_the_event_loop(
     with served(create_app(seeded, embedder=holding), loop) as (host, port):
         conn = http.client.HTTPConnection(host, port, timeout=30)
         for query in queries:
-            post_select(conn, query)
-            assert answered(conn) == 200
+            select_over(conn, query)
         conn.close()
     assert [holding.on_loop[q] for q in queries] == [True] * len(queries)

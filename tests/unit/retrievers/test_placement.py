@@ -43,10 +43,18 @@ class Clock:
         return self.now
 
 
-def pinning(kernel: FakeKernel, clock: Clock, *, cpu: int = 1, **kw: object) -> IdlePassPinning:
+def pinning(
+    kernel: FakeKernel,
+    clock: Clock,
+    *,
+    cpu: int = 1,
+    pool: list[int] | None = None,
+    cpus: list[int] | None = None,
+    **kw: object,
+) -> IdlePassPinning:
     return IdlePassPinning(
-        [101, 102],
-        sorted(ALL),
+        [101, 102] if pool is None else pool,
+        sorted(ALL) if cpus is None else cpus,
         idle_after_s=0.002,
         clock=clock,
         set_affinity=kernel.set_affinity,
@@ -136,14 +144,7 @@ def test_a_kernel_refusal_turns_pinning_off_once_and_restores_what_was_pinned(
 def test_too_few_cpus_or_no_pool_pins_nothing() -> None:
     kernel, clock = FakeKernel(), Clock()
     for pool, cpus in (([101, 102], [0, 1]), ([], [0, 1])):
-        pins = IdlePassPinning(
-            pool,
-            cpus,
-            clock=clock,
-            set_affinity=kernel.set_affinity,
-            get_affinity=kernel.get_affinity,
-            current_cpu=lambda: 0,
-        )
+        pins = pinning(kernel, clock, cpu=0, pool=pool, cpus=cpus)
         assert not pins.enabled
         with pins.during_pass():
             pass
