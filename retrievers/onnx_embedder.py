@@ -263,8 +263,10 @@ class OnnxEmbedder:
 
     def _pinning(self, threads_before: set[int] | None) -> IdlePassPinning | None:
         """Pinning for the new session's pool: the threads its constructor started."""
+        if not self.pin_threads or self.threads < 2 or threads_before is None:
+            return None
         after = thread_ids()
-        if not self.pin_threads or self.threads < 2 or threads_before is None or after is None:
+        if after is None:
             return None
         pool = sorted(after - threads_before)
         if len(pool) != self.threads - 1:
