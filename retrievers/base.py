@@ -27,6 +27,28 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> NDArray[np.float32]: ...
 
 
+class LoneEmbedder(Embedder, Protocol):
+    """An `Embedder` with a faster path for one text while nothing else is being served.
+
+    `embed_alone(text)` returns what `embed([text])[0]` returns (within the embedder's
+    numerical tolerance). It may spend CPU that would be wasted under load, so callers use it
+    only when their request is the only one in flight (see `embed_query`).
+    """
+
+    def embed_alone(self, text: str) -> NDArray[np.float32]: ...
+
+
+def embed_query(embedder: Embedder, text: str, *, alone: bool = False) -> NDArray[np.float32]:
+    """`text`'s vector, shape (dim,); through `embed_alone` when `alone` and the embedder
+    has it."""
+    # Not isinstance(): a runtime protocol check would read `dim`, which loads some models.
+    embed_alone = getattr(embedder, "embed_alone", None) if alone else None
+    vector: NDArray[np.float32] = (
+        embed_alone(text) if embed_alone is not None else embedder.embed([text])[0]
+    )
+    return vector
+
+
 class VectorIndex(Protocol):
     """An inner-product index over unit vectors, addressed by int64 ids.
 

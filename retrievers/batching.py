@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from retrievers.base import Embedder
+from retrievers.base import Embedder, embed_query
 
 
 class _Pending:
@@ -80,6 +80,17 @@ class BatchingEmbedder:
             raise mine.error
         assert mine.result is not None
         return mine.result
+
+    def embed_alone(self, text: str) -> NDArray[np.float32]:
+        """A caller that is the only request in flight has nobody to share a batch with: its
+        text goes straight to `inner`'s lone path, as a batch of one."""
+        vector = np.asarray(embed_query(self.inner, text, alone=True), dtype=np.float32)
+        if vector.shape != (self.dim,):
+            raise RuntimeError(f"{self.inner.name} returned shape {vector.shape} for one text")
+        with self._cond:
+            self.batches += 1
+            self.texts += 1
+        return vector
 
     def _take_locked(self) -> list[_Pending]:
         batch = [self._queue.popleft()]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from retrievers.base import Embedder
+from retrievers.base import Embedder, embed_query
 
 
 class CachedEmbedder:
@@ -61,10 +61,18 @@ class CachedEmbedder:
             self._rows.clear()
 
     def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        return self._embed(texts, alone=False)
+
+    def embed_alone(self, text: str) -> NDArray[np.float32]:
+        """`embed([text])[0]`; a miss goes through the inner embedder's lone path."""
+        row: NDArray[np.float32] = self._embed([text], alone=True)[0]
+        return row
+
+    def _embed(self, texts: Sequence[str], *, alone: bool) -> NDArray[np.float32]:
         if self.capacity == 0:
             with self._lock:
                 self.misses += len(texts)
-            return self._embed_inner(list(texts))
+            return self._embed_inner(list(texts), alone=alone)
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}
@@ -81,7 +89,7 @@ class CachedEmbedder:
         if not missing:
             return out
 
-        fresh = self._embed_inner(list(missing))
+        fresh = self._embed_inner(list(missing), alone=alone)
         for row, positions in zip(fresh, missing.values(), strict=True):
             out[positions] = row
         with self._lock:
@@ -94,8 +102,12 @@ class CachedEmbedder:
                 self._rows.popitem(last=False)
         return out
 
-    def _embed_inner(self, texts: list[str]) -> NDArray[np.float32]:
-        vecs = np.asarray(self.inner.embed(texts), dtype=np.float32)
+    def _embed_inner(self, texts: list[str], *, alone: bool) -> NDArray[np.float32]:
+        if alone and len(texts) == 1:
+            vecs = np.asarray(embed_query(self.inner, texts[0], alone=True), dtype=np.float32)
+            vecs = vecs.reshape(1, -1)
+        else:
+            vecs = np.asarray(self.inner.embed(texts), dtype=np.float32)
         if vecs.shape != (len(texts), self.dim):
             raise RuntimeError(
                 f"{self.inner.name} returned shape {vecs.shape} for {len(texts)} texts"

@@ -124,3 +124,45 @@ def test_rejects_a_bad_cap_and_a_bad_inner_shape() -> None:
 
     with pytest.raises(RuntimeError, match="shape"):
         BatchingEmbedder(Wrong()).embed(["x"])
+
+
+class LoneRecorder(SlowRecorder):
+    """A SlowRecorder with a lone path, whose texts are recorded apart."""
+
+    def __init__(self) -> None:
+        super().__init__(delay=0.0)
+        self.lone: list[str] = []
+
+    def embed_alone(self, text: str) -> NDArray[np.float32]:
+        self.lone.append(text)
+        return self.inner.embed([text])[0]
+
+
+def test_embed_alone_goes_straight_to_the_inner_lone_path() -> None:
+    inner = LoneRecorder()
+    batcher = BatchingEmbedder(inner)
+    row = batcher.embed_alone("only me")
+    np.testing.assert_array_equal(row, HashingEmbedder(dim=32).embed(["only me"])[0])
+    assert (inner.lone, inner.calls) == (["only me"], [])
+    assert (batcher.batches, batcher.texts) == (1, 1)
+
+
+def test_embed_alone_without_an_inner_lone_path_embeds_one_text() -> None:
+    inner = SlowRecorder(delay=0.0)
+    batcher = BatchingEmbedder(inner)
+    np.testing.assert_array_equal(batcher.embed_alone("x"), HashingEmbedder(dim=32).embed(["x"])[0])
+    assert inner.calls == [1]
+
+
+def test_embed_alone_rejects_a_bad_inner_shape() -> None:
+    class Wrong:
+        name, dim = "wrong", 8
+
+        def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
+            return np.zeros((len(texts), 8), dtype=np.float32)
+
+        def embed_alone(self, text: str) -> NDArray[np.float32]:
+            return np.zeros(9, dtype=np.float32)
+
+    with pytest.raises(RuntimeError, match="shape"):
+        BatchingEmbedder(Wrong()).embed_alone("x")

@@ -180,3 +180,41 @@ def test_concurrent_use_is_consistent() -> None:
     assert errors == []
     assert cache.hits + cache.misses == 8 * 50 * 5
     assert len(cache) <= 50
+
+
+class LoneCountingEmbedder(CountingEmbedder):
+    """A CountingEmbedder with a lone path, whose calls are recorded apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lone_calls: list[str] = []
+
+    def embed_alone(self, text: str) -> NDArray[np.float32]:
+        self.lone_calls.append(text)
+        return self._inner.embed([text])[0]
+
+
+@pytest.mark.parametrize("capacity", [0, 4])
+def test_embed_alone_sends_a_miss_down_the_lone_path_and_serves_a_hit(capacity: int) -> None:
+    inner = LoneCountingEmbedder()
+    cache = CachedEmbedder(inner, capacity=capacity)
+    first = cache.embed_alone("solo")
+    assert first.shape == (16,)
+    np.testing.assert_array_equal(first, reference(["solo"])[0])
+    assert (inner.lone_calls, inner.calls) == (["solo"], [])
+    again = cache.embed_alone("solo")
+    np.testing.assert_array_equal(again, first)
+    if capacity:
+        assert inner.lone_calls == ["solo"] and (cache.hits, cache.misses) == (1, 1)
+        # The row a lone call stored serves `embed` too.
+        np.testing.assert_array_equal(cache.embed(["solo"])[0], first)
+        assert inner.calls == []
+    else:
+        assert inner.lone_calls == ["solo", "solo"] and (cache.hits, cache.misses) == (0, 2)
+
+
+def test_embed_alone_over_an_embedder_without_a_lone_path_uses_embed() -> None:
+    inner = CountingEmbedder()
+    cache = CachedEmbedder(inner, capacity=4)
+    np.testing.assert_array_equal(cache.embed_alone("plain"), reference(["plain"])[0])
+    assert inner.calls == [["plain"]]
