@@ -25,7 +25,7 @@ from app.snapshot import PoolSnapshot
 from app.store import ExampleRow, PoolSettings, PoolStore
 from app.subsets import SubsetStore
 from app.templates import Demo, Template, render_chat, render_chat_demos, render_text
-from retrievers.base import Embedder
+from retrievers.base import Embedder, embed_query
 from retrievers.cache import CachedEmbedder
 from selection.base import Candidates, SelectionContext
 from selection.ordering import OrderName, build_orderer
@@ -222,9 +222,10 @@ class Pipeline:
         *,
         allowed: NDArray[np.int64] | None = None,
         fixed: NDArray[np.int64] | None = None,
+        alone: bool = False,
     ) -> tuple[Candidates, dict[str, float]]:
         t0 = time.perf_counter()
-        vector: NDArray[np.float32] = self.embedder.embed([query])[0]
+        vector = embed_query(self.embedder, query, alone=alone)
         t1 = time.perf_counter()
         request = spec.candidate_request(k)
         if request.top_n > self.limits.max_fetch_k:
@@ -252,7 +253,11 @@ class Pipeline:
             "select": (t3 - t2) * 1e3,
         }
 
-    def select_sync(self, pool: str, query: str, params: SelectParams) -> Selection:
+    def select_sync(
+        self, pool: str, query: str, params: SelectParams, *, alone: bool = False
+    ) -> Selection:
+        """The selection for `query`; `alone` says that this request is the only one in
+        flight (see `retrievers.base.embed_query`)."""
         started = time.perf_counter()
         settings = self.store.settings_of(pool)
         spec = params.selector if params.selector is not None else settings.selector
@@ -279,7 +284,15 @@ class Pipeline:
             )
         else:
             ordered, timing = self._choose(
-                snapshot, query, spec, order, k, params.seed, allowed=allowed, fixed=fixed
+                snapshot,
+                query,
+                spec,
+                order,
+                k,
+                params.seed,
+                allowed=allowed,
+                fixed=fixed,
+                alone=alone,
             )
         rows = self.store.examples_by_id(pool, snapshot.version, [int(i) for i in ordered.ids])
         timing["total"] = (time.perf_counter() - started) * 1e3
@@ -306,7 +319,7 @@ class Pipeline:
             for _ in range(LOOP_TURNS_BEFORE_INLINE):
                 await asyncio.sleep(0)
             if self._alone():
-                return self.select_sync(pool, query, params)
+                return self.select_sync(pool, query, params, alone=True)
         return await anyio.to_thread.run_sync(self.select_sync, pool, query, params)
 
     def _embedding_is_cached(self, query: str) -> bool:

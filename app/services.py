@@ -76,6 +76,7 @@ def _local_embedder(
         batch_size=config.batch_size,
         threads=config.threads,
         pin_threads=config.pin_threads,
+        lone_query_session=config.lone_query_session,
         cache_dir=cache_dir or config.onnx_cache_dir or default_cache_dir(),
     )
     if config.backend == "onnx":

@@ -14,9 +14,11 @@ dataset): the first `--pool` as the pool, the next `--queries` as queries. Rows:
 
 Latency: one query per call, p50/p95 over the queries after 20 warm-up calls, for 1 and 2
 intra-op threads. A second table times the default embedder (2 threads) on one query after a
-pause of 0, 5, 20 and 50 ms, as a lone request sees it, with CPU pinning of passes that
-follow an idle spell (`retrievers/placement.py`) and without; the two embedders alternate
-query by query, so both see the same machine (each also idles during the other's pass, so
+pause of 0, 5, 20 and 50 ms, as a lone request sees it, three ways: `embed` without CPU
+pinning, `embed` with pinning of passes that follow an idle spell (`retrievers/placement.py`),
+and `embed_alone`, the lone-query session (fused graph, threads spinning during the pass,
+pinned) that a request alone in the server uses. The three alternate query by query in a
+rotating order, so all see the same machine (each also idles during the others' passes, so
 even the 0 ms rows follow a few ms of idleness). Throughput: texts/s embedding 256 queries in
 batches of 64. Quality: recall@8 of each row's query vectors against the pool's fp32
 vectors, relative to the fp32 query's exact top-8 (what a query embedded that way would
@@ -130,36 +132,48 @@ PAUSES_MS = (0, 5, 20, 50)
 
 
 def after_pauses(queries: Sequence[str]) -> list[dict[str, Any]]:
-    """p50/p95 of one query after each pause, pinned and unpinned, interleaved."""
+    """p50/p95 of one query after each pause, for each way of embedding it, interleaved."""
     from retrievers.onnx_embedder import OnnxEmbedder, default_cache_dir
 
-    embedders = {
-        pin: OnnxEmbedder(threads=2, cache_dir=default_cache_dir(), pin_threads=pin)
-        for pin in (False, True)
+    unpinned = OnnxEmbedder(
+        threads=2, cache_dir=default_cache_dir(), pin_threads=False, lone_query_session=False
+    )
+    pinned = OnnxEmbedder(threads=2, cache_dir=default_cache_dir())
+    ways: dict[str, tuple[Callable[[str], Any], Any]] = {
+        "embed, unpinned": (lambda q: unpinned.embed([q]), None),
+        "embed, pinned": (lambda q: pinned.embed([q]), lambda: pinned.pinning),
+        "embed_alone, pinned": (pinned.embed_alone, lambda: pinned.lone_pinning),
     }
-    for embedder in embedders.values():
+    for embedder in (unpinned, pinned):
         embedder.open()
+    for embed, _ in ways.values():
         for q in queries[:WARMUP]:
-            embedder.embed([q])
+            embed(q)
+    names = list(ways)
+
+    def pinned_passes(name: str) -> int:
+        pins = ways[name][1]() if ways[name][1] is not None else None
+        return int(pins.pinned_passes) if pins is not None else 0
+
     rows = []
     for pause in PAUSES_MS:
-        times: dict[bool, list[float]] = {False: [], True: []}
+        times: dict[str, list[float]] = {name: [] for name in names}
+        pinned_before = {name: pinned_passes(name) for name in names}
         for i, q in enumerate(queries):
-            for pin in (i % 2 == 0, i % 2 == 1):
+            for name in names[i % 3 :] + names[: i % 3]:
                 time.sleep(pause / 1e3)
                 started = time.perf_counter()
-                embedders[pin].embed([q])
-                times[pin].append((time.perf_counter() - started) * 1e3)
-        for pin, samples in times.items():
-            pinning = embedders[pin].pinning
+                ways[name][0](q)
+                times[name].append((time.perf_counter() - started) * 1e3)
+        for name, samples in times.items():
             lat = p50_p95(samples)
             rows.append(
                 {
                     "pause_ms": pause,
-                    "pinning": "on" if pin else "off",
+                    "way": name,
                     "p50_ms": lat["p50"],
                     "p95_ms": lat["p95"],
-                    "pinned_passes": pinning.pinned_passes if pinning is not None else 0,
+                    "pinned_passes": pinned_passes(name) - pinned_before[name],
                 }
             )
     return rows
@@ -276,9 +290,9 @@ def main() -> None:
     print()
     print(
         table(
-            ["pause before the query ms", "CPU pinning", "p50 ms", "p95 ms", "pinned passes"],
+            ["pause before the query ms", "call", "p50 ms", "p95 ms", "pinned passes"],
             [
-                [r["pause_ms"], r["pinning"], r["p50_ms"], r["p95_ms"], r["pinned_passes"]]
+                [r["pause_ms"], r["way"], r["p50_ms"], r["p95_ms"], r["pinned_passes"]]
                 for r in paused
             ],
         )

@@ -9,6 +9,13 @@ configuration, and the vectors match `SentenceTransformer.encode` to about 1e-6.
 
 Only models made of Transformer -> Pooling (mean or CLS) -> optional Normalize, with a
 `tokenizer.json`, can be run this way; `supports()` says whether a directory qualifies.
+
+A second session serves `embed_alone`, the query of a request that has the server to itself.
+It runs a copy of the graph with ONNX Runtime's transformer fusions (46 operators instead of
+about 140 for MiniLM, so fewer hand-offs between the pass's two threads), and its threads spin
+between operators for the length of a pass instead of sleeping. On 2 vCPUs that takes about
+0.85 ms (10%) off such a request. Spinning would waste a core under load, when passes overlap
+the event loop's work, so batches and concurrent calls keep to the first session.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import os
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +43,16 @@ EXPORT_FORMAT = 1
 """Bumped when the exported graph changes, so that old cached files are not reused."""
 
 _POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+
+FUSED_TOLERANCE = 1e-4
+"""Largest difference allowed between a fused graph's vectors and the plain graph's (per
+component); the fusions only reorder float arithmetic, measured differences are about 1e-7."""
+
+_FUSION_PROBES = (
+    "dimension probe",
+    "A longer probe sentence, with punctuation, numbers like 42 and a few rarer words.",
+    "accents: café, naïve; CJK 日本語",
+)
 
 
 class UnsupportedModel(ValueError):
@@ -144,29 +161,70 @@ def _current_umask() -> int:
     return mask
 
 
-def _cached_graph(path: Path, cache_dir: Path | None) -> bytes:
-    """The exported graph, from the cache when present; a fresh export is cached if possible."""
-    key = _weights_key(path)
-    target = cache_dir / f"{key}.onnx" if cache_dir is not None else None
+def _store(target: Path, data: bytes) -> bool:
+    """Write `data` at `target` atomically; False (logged) when the file system refuses."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside, then renamed: a reader never sees half a graph.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # mkstemp makes the file private; the cache is read by other users too (an image
+        # exports the graph at build time as root and serves it as an unprivileged user).
+        os.chmod(tmp, 0o644 & ~_current_umask())
+        os.replace(tmp, target)
+    except OSError as exc:
+        log.warning("cannot cache the ONNX graph in %s (%s); it stays in memory", target, exc)
+        return False
+    return True
+
+
+def _cached_file(target: Path | None, make: Callable[[], bytes]) -> Path | bytes:
+    """`target` when it exists, else `make()`, stored at `target` if possible: the path when
+    the graph is on disk, its bytes when it is not.
+
+    A session made from a file path holds about 85 MiB less than one made from the same
+    bytes (the default model, measured), so the path is preferred.
+    """
     if target is not None and target.is_file():
-        return target.read_bytes()
-    graph = export_onnx(path)
-    if target is not None:
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Written aside, then renamed: a reader never sees half a graph.
-            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(graph)
-                fh.flush()
-                os.fsync(fh.fileno())
-            # mkstemp makes the file private; the cache is read by other users too (an image
-            # exports the graph at build time as root and serves it as an unprivileged user).
-            os.chmod(tmp, 0o644 & ~_current_umask())
-            os.replace(tmp, target)
-        except OSError as exc:
-            log.warning("cannot cache the ONNX graph in %s (%s); it stays in memory", target, exc)
-    return graph
+        return target
+    data = make()
+    if target is not None and _store(target, data):
+        return target
+    return data
+
+
+def _graph_source(path: Path, cache_dir: Path | None) -> Path | bytes:
+    """The exported graph of the model at `path`, from the cache when present."""
+    target = cache_dir / f"{_weights_key(path)}.onnx" if cache_dir is not None else None
+    return _cached_file(target, lambda: export_onnx(path))
+
+
+def _cached_graph(path: Path, cache_dir: Path | None) -> bytes:
+    """The exported graph's bytes (see `_graph_source`)."""
+    source = _graph_source(path, cache_dir)
+    return source.read_bytes() if isinstance(source, Path) else source
+
+
+def fuse_graph(source: Path | bytes, model_path: Path) -> bytes:
+    """`source` with ONNX Runtime's transformer fusions (attention, skip layer norm, bias
+    GELU, embedding layer norm), for the model at `model_path`."""
+    import onnx
+    from onnxruntime.transformers import optimizer
+
+    config = model_path / "config.json"
+    settings = _read_json(config) if config.is_file() else {}
+    graph = onnx.load_from_string(source if isinstance(source, bytes) else source.read_bytes())
+    fused = optimizer.optimize_model(
+        graph,
+        model_type="bert",
+        num_heads=int(settings.get("num_attention_heads") or 0),
+        hidden_size=int(settings.get("hidden_size") or 0),
+        opt_level=0,
+    )
+    return bytes(fused.model.SerializeToString())
 
 
 def default_cache_dir() -> Path:
@@ -199,6 +257,7 @@ class OnnxEmbedder:
         threads: int | None = None,
         cache_dir: Path | None = None,
         pin_threads: bool = True,
+        lone_query_session: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
@@ -207,10 +266,17 @@ class OnnxEmbedder:
         self.threads = threads or os.cpu_count() or 1
         self.cache_dir = cache_dir
         self.pin_threads = pin_threads
+        self.lone_query_session = lone_query_session
         self.pinning: IdlePassPinning | None = None
+        self.lone_pinning: IdlePassPinning | None = None
+        self.lone_graph: str | None = None
+        """Which graph the lone-query session runs: "fused", "plain", or None (no session)."""
         self.name = DEFAULT_MODEL_NAME if model is None else model
         self._lock = threading.Lock()
         self._session: Any = None
+        self._lone_session: Any = None
+        self._passes = 0
+        self._passes_lock = threading.Lock()
         self._tokenizer: Any = None
         self._layout: dict[str, Any] = {}
         self._dim: int | None = None
@@ -245,21 +311,66 @@ class OnnxEmbedder:
             tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
             tokenizer.enable_truncation(max_length=layout["max_length"])
             tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0)
-            graph = _cached_graph(path, self.cache_dir)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # Idle worker threads would otherwise spin between requests and take the CPU
-            # from the event loop and the index scan on a 2-core box.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            key = _weights_key(path)
+            source = _cached_file(self._cache_file(f"{key}.onnx"), lambda: export_onnx(path))
             before = thread_ids()
-            session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                source, self._options(spinning=False), providers=["CPUExecutionProvider"]
+            )
             self.pinning = self._pinning(before)
             self._tokenizer, self._layout = tokenizer, layout
             self._session = session
             self._dim = int(self._run(["dimension probe"]).shape[1])
+            if self.lone_query_session and self.threads >= 2:
+                self._open_lone_session(path, key, source)
+
+    def _cache_file(self, name: str) -> Path | None:
+        return self.cache_dir / name if self.cache_dir is not None else None
+
+    def _options(self, *, spinning: bool) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if spinning:
+            # Spin between the operators of a pass, and stop as soon as it ends.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        else:
+            # Idle worker threads would otherwise spin between requests and take the CPU
+            # from the event loop and the index scan on a 2-core box.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+    def _open_lone_session(self, path: Path, key: str, plain: Path | bytes) -> None:
+        """The session of `embed_alone`: the fused graph when it gives the plain graph's
+        vectors, else the plain graph (still with spinning threads)."""
+        import onnxruntime as ort
+
+        try:
+            fused = _cached_file(
+                self._cache_file(f"{key}-fused.onnx"), lambda: fuse_graph(plain, path)
+            )
+        except Exception as exc:  # the fusions match BERT-like graphs only
+            log.info("embedding: no fused graph for lone queries (%s)", exc)
+            fused = None
+        want = self._run(list(_FUSION_PROBES))
+        for graph, name in ((fused, "fused"), (plain, "plain")):
+            if graph is None:
+                continue
+            before = thread_ids()
+            session = ort.InferenceSession(
+                graph, self._options(spinning=True), providers=["CPUExecutionProvider"]
+            )
+            pinning = self._pinning(before)
+            got = self._run(list(_FUSION_PROBES), session=session)
+            if np.abs(got - want).max() <= FUSED_TOLERANCE:
+                self._lone_session, self.lone_pinning, self.lone_graph = session, pinning, name
+                return
+            log.warning("embedding: the %s graph's vectors differ from the model's; not used", name)
 
     def _pinning(self, threads_before: set[int] | None) -> IdlePassPinning | None:
         """Pinning for the new session's pool: the threads its constructor started."""
@@ -292,17 +403,41 @@ class OnnxEmbedder:
             out[pick] = self._run([batch[i] for i in pick])
         return out
 
-    def _run(self, texts: list[str]) -> NDArray[np.float32]:
+    def embed_alone(self, text: str) -> NDArray[np.float32]:
+        """`text`'s vector, for a caller that is the only work in progress (`LoneEmbedder`).
+
+        Runs on the lone-query session unless another pass is running here (an upload's
+        batch, say), where it is `embed([text])[0]`.
+        """
+        if self._session is None:
+            self.open()
+        with self._passes_lock:
+            lone = self._lone_session is not None and self._passes == 0
+        rows = self._run([text], session=self._lone_session) if lone else self.embed([text])
+        row: NDArray[np.float32] = rows[0]
+        return row
+
+    def _run(self, texts: list[str], *, session: Any = None) -> NDArray[np.float32]:
         encodings = self._tokenizer.encode_batch(texts)
         input_ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         types = np.array([e.type_ids for e in encodings], dtype=np.int64)
         feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": types}
-        if self.pinning is not None:
-            with self.pinning.during_pass():
-                (hidden,) = self._session.run(None, feeds)
+        if session is None:
+            session, pinning = self._session, self.pinning
         else:
-            (hidden,) = self._session.run(None, feeds)
+            pinning = self.lone_pinning if session is self._lone_session else None
+        with self._passes_lock:
+            self._passes += 1
+        try:
+            if pinning is not None:
+                with pinning.during_pass():
+                    (hidden,) = session.run(None, feeds)
+            else:
+                (hidden,) = session.run(None, feeds)
+        finally:
+            with self._passes_lock:
+                self._passes -= 1
         if self._layout["pooling"] == "cls":
             pooled = hidden[:, 0, :]
         else:

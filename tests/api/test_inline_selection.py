@@ -1,6 +1,7 @@
-"""Where a selection embeds its query: on the event loop when the request is the only one in
-flight, else on a worker thread (with micro-batching). Checked through the real request
-middleware, and with requests waiting in the kernel on a real uvicorn server on 127.0.0.1."""
+"""Where a selection embeds its query: on the event loop, through the embedder's lone path,
+when the request is the only one in flight, else on a worker thread (with micro-batching).
+Checked through the real request middleware, and with requests waiting in the kernel on a
+real uvicorn server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -31,15 +32,22 @@ from tests.fakes.upstream import FakeUpstream
 
 class LoopRecordingEmbedder:
     """A hashing embedder that records, for each text, whether it was embedded on a thread
-    that runs an event loop."""
+    that runs an event loop, and whether through `embed_alone`."""
 
     def __init__(self) -> None:
         self.inner = HashingEmbedder(dim=64)
         self.name = self.inner.name
         self.dim = self.inner.dim
         self.on_loop: dict[str, bool] = {}
+        self.alone: dict[str, bool] = {}
 
     def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        return self._embed(texts, alone=False)
+
+    def embed_alone(self, text: str) -> NDArray[np.float32]:
+        return self._embed([text], alone=True)[0]
+
+    def _embed(self, texts: Sequence[str], *, alone: bool) -> NDArray[np.float32]:
         try:
             asyncio.get_running_loop()
             on_loop = True
@@ -47,6 +55,7 @@ class LoopRecordingEmbedder:
             on_loop = False
         for text in texts:
             self.on_loop[text] = on_loop
+            self.alone[text] = alone
         return self.inner.embed(texts)
 
 
@@ -72,6 +81,7 @@ def test_a_lone_request_embeds_on_the_event_loop(
 ) -> None:
     select(recording_client, "the striker scored in the final")
     assert embedder.on_loop["the striker scored in the final"] is True
+    assert embedder.alone["the striker scored in the final"] is True
 
 
 def test_a_long_query_goes_to_a_worker_thread(
@@ -84,6 +94,7 @@ def test_a_long_query_goes_to_a_worker_thread(
     select(recording_client, long)
     assert embedder.on_loop[short] is True
     assert embedder.on_loop[long] is False
+    assert (embedder.alone[short], embedder.alone[long]) == (True, False)
 
 
 def test_a_request_with_company_goes_to_a_worker_thread(
@@ -105,9 +116,11 @@ def test_a_request_with_company_goes_to_a_worker_thread(
     background.join(timeout=10)
     assert not background.is_alive()
     assert embedder.on_loop["the central bank raised rates"] is False
+    assert embedder.alone["the central bank raised rates"] is False
     # Alone again once the chat call has been answered.
     select(recording_client, "the chef roasted garlic")
     assert embedder.on_loop["the chef roasted garlic"] is True
+    assert embedder.alone["the chef roasted garlic"] is True
 
 
 def test_requests_in_flight_gauge(recording_client: TestClient) -> None:
@@ -127,6 +140,7 @@ def test_a_remote_embedder_never_embeds_on_the_event_loop(
         upload(client, "p", topic_rows(20))
         select(client, "the striker scored in the final")
     assert embedder.on_loop["the striker scored in the final"] is False
+    assert embedder.alone["the striker scored in the final"] is False
 
 
 HOLD = "hold the event loop here"
@@ -140,11 +154,11 @@ class HoldingEmbedder(LoopRecordingEmbedder):
         self.holding = threading.Event()
         self.release = threading.Event()
 
-    def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
+    def _embed(self, texts: Sequence[str], *, alone: bool) -> NDArray[np.float32]:
         if HOLD in texts:
             self.holding.set()
             self.release.wait(timeout=10)
-        return super().embed(texts)
+        return super()._embed(texts, alone=alone)
 
 
 @contextmanager
@@ -229,8 +243,9 @@ def test_requests_that_waited_together_in_the_kernel_all_go_to_worker_threads(
         assert [answered(conn) for conn in conns] == [200] * len(conns)
         for conn in [*conns, holder]:
             conn.close()
-    assert holding.on_loop[HOLD] is True
+    assert holding.on_loop[HOLD] is True and holding.alone[HOLD] is True
     assert {q: holding.on_loop[q] for q in queries} == dict.fromkeys(queries, False)
+    assert {q: holding.alone[q] for q in queries} == dict.fromkeys(queries, False)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -244,3 +259,4 @@ def test_a_client_calling_back_to_back_embeds_on_the_event_loop(
             select_over(conn, query)
         conn.close()
     assert [holding.on_loop[q] for q in queries] == [True] * len(queries)
+    assert [holding.alone[q] for q in queries] == [True] * len(queries)

@@ -94,23 +94,26 @@ def test_concurrent_calls_agree_with_serial(onnx: OnnxEmbedder) -> None:
         assert np.abs(results[i] - want[i::4]).max() <= TOLERANCE
 
 
-def test_second_open_reads_the_cached_graph(
+def test_second_open_reads_the_cached_graphs(
     onnx: OnnxEmbedder, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    files = list(cache_dir.glob("*.onnx"))
-    assert len(files) == 1 and files[0].stat().st_size > 1_000_000
+    files = sorted(cache_dir.glob("*.onnx"), key=lambda f: len(f.name))
+    assert len(files) == 2 and files[1].name == files[0].name.replace(".onnx", "-fused.onnx")
+    assert all(f.stat().st_size > 1_000_000 for f in files)
     assert not list(cache_dir.glob("*.tmp"))
     # Readable by everyone (within the umask): an image's build user is not its run user.
     umask = os.umask(0)
     os.umask(umask)
-    assert files[0].stat().st_mode & 0o777 == 0o644 & ~umask
+    assert all(f.stat().st_mode & 0o777 == 0o644 & ~umask for f in files)
 
-    def no_export(path: Path) -> bytes:
-        raise AssertionError("exported again despite the cache")
+    def no_export(*args: object) -> bytes:
+        raise AssertionError("exported or fused again despite the cache")
 
     monkeypatch.setattr(onnx_module, "export_onnx", no_export)
+    monkeypatch.setattr(onnx_module, "fuse_graph", no_export)
     again = OnnxEmbedder(cache_dir=cache_dir)
     again.open()
+    assert again.lone_graph == "fused"
     np.testing.assert_array_equal(again.embed(TEXTS[:5]), onnx.embed(TEXTS[:5]))
 
 
@@ -120,6 +123,112 @@ def test_unwritable_cache_still_works(tmp_path: Path, onnx: OnnxEmbedder) -> Non
     emb = OnnxEmbedder(cache_dir=blocker / "cache")
     emb.open()
     assert np.abs(emb.embed(TEXTS[:3]) - onnx.embed(TEXTS[:3])).max() <= TOLERANCE
+    assert emb.lone_graph == "fused"
+    assert np.abs(emb.embed_alone(TEXTS[0]) - onnx.embed([TEXTS[0]])[0]).max() <= TOLERANCE
+
+
+def test_embed_alone_matches_embed(onnx: OnnxEmbedder) -> None:
+    assert onnx.lone_graph == "fused"
+    want = onnx.embed(TEXTS)
+    got = np.stack([onnx.embed_alone(text) for text in TEXTS])
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.abs(got - want).max() <= TOLERANCE
+
+
+class _RecordingSession:
+    """A session stand-in that records its name on every run; the first run after `gate` is
+    set waits for it."""
+
+    def __init__(self, inner: object, name: str, runs: list[str]) -> None:
+        self.inner, self.name, self.runs = inner, name, runs
+        self.entered = threading.Event()
+        self.gate: threading.Event | None = None
+
+    def run(self, *args: object) -> object:
+        gate, self.gate = self.gate, None
+        self.runs.append(self.name)
+        if gate is not None:
+            self.entered.set()
+            assert gate.wait(timeout=30)
+        return self.inner.run(*args)  # type: ignore[attr-defined]
+
+
+def test_embed_alone_uses_the_first_session_while_another_pass_runs(cache_dir: Path) -> None:
+    emb = OnnxEmbedder(cache_dir=cache_dir)
+    emb.open()
+    runs: list[str] = []
+    main = _RecordingSession(emb._session, "main", runs)
+    emb._session = main
+    emb._lone_session = _RecordingSession(emb._lone_session, "lone", runs)
+    emb.lone_pinning = None
+    want = emb.embed(TEXTS[:2])
+    runs.clear()
+
+    hold = threading.Event()
+    main.gate = hold
+    batch = threading.Thread(target=emb.embed, args=(TEXTS[:8],))
+    batch.start()
+    try:
+        assert main.entered.wait(timeout=30)
+        during = emb.embed_alone(TEXTS[0])  # an upload's batch, say, is running
+        assert runs == ["main", "main"]
+    finally:
+        hold.set()
+        batch.join(timeout=30)
+    assert not batch.is_alive()
+    after = emb.embed_alone(TEXTS[1])
+    assert runs == ["main", "main", "lone"]
+    assert np.abs(during - want[0]).max() <= TOLERANCE
+    assert np.abs(after - want[1]).max() <= TOLERANCE
+
+
+def _cache_with_the_plain_graph(cache_dir: Path, target: Path) -> Path:
+    """A new cache directory holding only the exported graph (no export, no fused graph)."""
+    target.mkdir()
+    for graph in cache_dir.glob("*.onnx"):
+        if not graph.name.endswith("-fused.onnx"):
+            shutil.copy(graph, target / graph.name)
+    return target
+
+
+def _perturbed(source: Path | bytes, model_path: Path) -> bytes:
+    """The plain graph with one weight matrix scaled by 1.01: a fusion gone wrong."""
+    import onnx as onnx_lib
+    from onnx import numpy_helper
+
+    graph = onnx_lib.load_from_string(source if isinstance(source, bytes) else source.read_bytes())
+    weight = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)) if t.dims else 0)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    return graph.SerializeToString()
+
+
+@pytest.mark.parametrize("fusion", ["differs", "fails"])
+def test_a_fused_graph_that_cannot_be_trusted_gives_way_to_the_plain_one(
+    onnx: OnnxEmbedder,
+    cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fusion: str,
+) -> None:
+    def fails(source: Path | bytes, model_path: Path) -> bytes:
+        raise ValueError("no pattern matched")
+
+    monkeypatch.setattr(onnx_module, "fuse_graph", _perturbed if fusion == "differs" else fails)
+    emb = OnnxEmbedder(cache_dir=_cache_with_the_plain_graph(cache_dir, tmp_path / "c"))
+    emb.open()
+    assert emb.lone_graph == "plain"
+    got = np.stack([emb.embed_alone(text) for text in TEXTS[:10]])
+    assert np.abs(got - onnx.embed(TEXTS[:10])).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("options", [{"lone_query_session": False}, {"threads": 1}])
+def test_no_lone_session_when_off_or_single_threaded(
+    onnx: OnnxEmbedder, cache_dir: Path, options: dict[str, object]
+) -> None:
+    emb = OnnxEmbedder(cache_dir=cache_dir, **options)  # type: ignore[arg-type]
+    emb.open()
+    assert emb.lone_graph is None
+    assert np.abs(emb.embed_alone(TEXTS[0]) - onnx.embed([TEXTS[0]])[0]).max() <= TOLERANCE
 
 
 def test_constructor_does_not_load() -> None:

@@ -189,6 +189,15 @@ def test_a_real_pass_after_idle_pins_the_pool_and_gives_it_back(tmp_path: Path) 
     count = len(seen)
     embedder.embed(["a query right after"])
     assert len(seen) == count
+    # The lone-query session has a pool of its own, pinned the same way.
+    lone = embedder.lone_pinning
+    assert lone is not None and lone.enabled and len(lone.pool_threads) == 1
+    assert set(lone.pool_threads).isdisjoint(pins.pool_threads)
+    time.sleep(0.01)
+    embedder.embed_alone("a lone query after a pause")
+    assert lone.pinned_passes == 1
+    assert os.sched_getaffinity(lone.pool_threads[0]) == cpus
+    assert os.sched_getaffinity(0) == caller_before
 
 
 @needs_two_cpus
@@ -198,13 +207,13 @@ def test_pinning_is_off_when_not_wanted_or_single_threaded(tmp_path: Path) -> No
         OnnxEmbedder(threads=1, cache_dir=tmp_path),
     ):
         embedder.open()
-        assert embedder.pinning is None
+        assert embedder.pinning is None and embedder.lone_pinning is None
 
 
 @needs_two_cpus
 def test_passes_from_many_threads_leave_every_mask_as_it_was(tmp_path: Path) -> None:
     cpus = os.sched_getaffinity(0)
-    embedder = OnnxEmbedder(threads=2, cache_dir=tmp_path)
+    embedder = OnnxEmbedder(threads=2, cache_dir=tmp_path, lone_query_session=False)
     embedder.open()
     assert embedder.pinning is not None
     errors: list[BaseException] = []
