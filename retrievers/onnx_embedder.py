@@ -25,6 +25,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -48,6 +50,9 @@ _POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
 FUSED_TOLERANCE = 1e-4
 """Largest difference allowed between a fused graph's vectors and the plain graph's (per
 component); the fusions only reorder float arithmetic, measured differences are about 1e-7."""
+
+FUSION_TIMEOUT_S = 600.0
+"""How long the child process that fuses a graph may take (a few seconds for MiniLM)."""
 
 _FUSION_PROBES = (
     "dimension probe",
@@ -223,6 +228,36 @@ def fuse_graph(source: Path | bytes, model_path: Path) -> bytes:
     return bytes(fused.model.SerializeToString())
 
 
+def fuse_in_child(source: Path | bytes, model_path: Path) -> bytes:
+    """`fuse_graph`, run by a fresh interpreter.
+
+    In this process the optimizer would leave about 260 MiB of heap behind for good (its peak
+    is about 850 MiB for MiniLM) and add its own directories to `sys.path`.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "plain.onnx"
+        if isinstance(source, Path):
+            plain = source
+        else:
+            plain.write_bytes(source)
+        out = Path(tmp) / "fused.onnx"
+        # The child imports this module by name, wherever the package was run from.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        done = subprocess.run(
+            [sys.executable, "-m", __name__, str(plain), str(model_path), str(out)],
+            env={**os.environ, "PYTHONPATH": path},
+            capture_output=True,
+            text=True,
+            timeout=FUSION_TIMEOUT_S,
+            check=False,
+        )
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines()
+            raise RuntimeError(f"the fusion failed: {lines[-1] if lines else done.returncode}")
+        return out.read_bytes()
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "iclserve" / "onnx"
@@ -348,9 +383,9 @@ class OnnxEmbedder:
 
         try:
             fused = _cached_file(
-                self._cache_file(f"{key}-fused.onnx"), lambda: fuse_graph(plain, path)
+                self._cache_file(f"{key}-fused.onnx"), lambda: fuse_in_child(plain, path)
             )
-        except Exception as exc:  # the fusions match BERT-like graphs only
+        except Exception as exc:  # the fusions match BERT-like graphs only; or a timeout
             log.info("embedding: no fused graph for lone queries (%s)", exc)
             fused = None
         want = self._run(list(_FUSION_PROBES))
@@ -444,3 +479,9 @@ class OnnxEmbedder:
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         pooled = pooled / np.maximum(norms, 1e-12)
         return np.ascontiguousarray(pooled, dtype=np.float32)
+
+
+if __name__ == "__main__":
+    # The child of `fuse_in_child`: PLAIN_GRAPH MODEL_DIR OUTPUT.
+    plain_graph, model_dir, output = sys.argv[1:4]
+    Path(output).write_bytes(fuse_graph(Path(plain_graph), Path(model_dir)))

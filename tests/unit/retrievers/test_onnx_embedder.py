@@ -110,7 +110,7 @@ def test_second_open_reads_the_cached_graphs(
         raise AssertionError("exported or fused again despite the cache")
 
     monkeypatch.setattr(onnx_module, "export_onnx", no_export)
-    monkeypatch.setattr(onnx_module, "fuse_graph", no_export)
+    monkeypatch.setattr(onnx_module, "fuse_in_child", no_export)
     again = OnnxEmbedder(cache_dir=cache_dir)
     again.open()
     assert again.lone_graph == "fused"
@@ -213,7 +213,7 @@ def test_a_fused_graph_that_cannot_be_trusted_gives_way_to_the_plain_one(
     def fails(source: Path | bytes, model_path: Path) -> bytes:
         raise ValueError("no pattern matched")
 
-    monkeypatch.setattr(onnx_module, "fuse_graph", _perturbed if fusion == "differs" else fails)
+    monkeypatch.setattr(onnx_module, "fuse_in_child", _perturbed if fusion == "differs" else fails)
     emb = OnnxEmbedder(cache_dir=_cache_with_the_plain_graph(cache_dir, tmp_path / "c"))
     emb.open()
     assert emb.lone_graph == "plain"
@@ -276,3 +276,8 @@ def test_unsupported_layouts_are_refused(tmp_path: Path, damage: str) -> None:
         model = tmp_path / "missing"
     with pytest.raises(UnsupportedModel):
         OnnxEmbedder(str(model), cache_dir=tmp_path / "c").open()
+
+
+def test_a_fusion_that_fails_in_the_child_raises_with_its_last_error_line() -> None:
+    with pytest.raises(RuntimeError, match=r"the fusion failed: .*DecodeError"):
+        onnx_module.fuse_in_child(b"not an ONNX graph", packaged_model_path())
