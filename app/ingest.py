@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gc
 import json
 import re
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, get_args
 
@@ -442,6 +444,35 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
 
+_collector_lock = threading.Lock()
+_collector_pauses = 0
+_collector_was_enabled = False
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused (process-wide) while the block runs.
+
+    Decoding JSON creates no reference cycles, but a hostile value of a million tiny lists
+    makes the collector run full collections, each walking every object of the process: in a
+    server with its models loaded, that turned a 0.2 s refusal into several seconds. Nested
+    and concurrent pauses are counted; the last one to end restores the collector as the
+    first one found it.
+    """
+    global _collector_pauses, _collector_was_enabled
+    with _collector_lock:
+        if _collector_pauses == 0:
+            _collector_was_enabled = gc.isenabled()
+            gc.disable()
+        _collector_pauses += 1
+    try:
+        yield
+    finally:
+        with _collector_lock:
+            _collector_pauses -= 1
+            if _collector_pauses == 0 and _collector_was_enabled:
+                gc.enable()
+
 
 def _position(text: str, pos: int) -> str:
     line = text.count("\n", 0, pos) + 1
@@ -528,7 +559,8 @@ def _parse_jsonl(text: str, builder: _Builder) -> None:
                 builder.error(number, f"NUL character at column {nul + 1}")
                 continue
             try:
-                obj = _DECODER.decode(line)
+                with _collector_paused():
+                    obj = _DECODER.decode(line)
             except (ValueError, RecursionError, _JSONRejected) as exc:
                 builder.error(number, _json_reason(exc, line, where=_column))
                 continue
@@ -564,7 +596,8 @@ def _decode_element(text: str, pos: int, max_chars: int) -> tuple[Any, int]:
         window = text[pos:end]
         truncated = end < size
         try:
-            value, used = _DECODER.raw_decode(window)
+            with _collector_paused():
+                value, used = _DECODER.raw_decode(window)
         except json.JSONDecodeError as exc:
             # Running off the window's end shows up as an unterminated string or an error at
             # (or, for a cut literal or escape, just before) its last characters.
@@ -858,7 +891,8 @@ def _csv_record(
     raw_metadata = cell("metadata")
     if raw_metadata is not None:
         try:
-            parsed = _DECODER.decode(raw_metadata)
+            with _collector_paused():
+                parsed = _DECODER.decode(raw_metadata)
         except (ValueError, RecursionError, _JSONRejected) as exc:
             parsed = None
             reasons.append("metadata column: " + _json_reason(exc, raw_metadata, where=_column))
