@@ -4,8 +4,10 @@ On this class of machine (2 AVX2 cores) a forward pass of MiniLM through PyTorch
 about three times what the same graph costs in ONNX Runtime, and a request pays it on every
 cache miss. The graph is exported once from the model's own weights with `torch.onnx` and
 cached on disk under a key derived from those weights, so later starts load it without
-importing torch at all. Pooling and normalisation follow the model's sentence-transformers
-configuration, and the vectors match `SentenceTransformer.encode` to about 1e-6.
+importing torch at all; the export itself runs in a child process, so that not even the
+first start keeps torch in memory. Pooling and normalisation follow the model's
+sentence-transformers configuration, and the vectors match `SentenceTransformer.encode` to
+about 1e-6.
 
 Only models made of Transformer -> Pooling (mean or CLS) -> optional Normalize, with a
 `tokenizer.json`, can be run this way; `supports()` says whether a directory qualifies.
@@ -51,8 +53,8 @@ FUSED_TOLERANCE = 1e-4
 """Largest difference allowed between a fused graph's vectors and the plain graph's (per
 component); the fusions only reorder float arithmetic, measured differences are about 1e-7."""
 
-FUSION_TIMEOUT_S = 600.0
-"""How long the child process that fuses a graph may take (a few seconds for MiniLM)."""
+CHILD_TIMEOUT_S = 600.0
+"""How long the child process that exports or fuses a graph may take (seconds for MiniLM)."""
 
 _FUSION_PROBES = (
     "dimension probe",
@@ -205,7 +207,7 @@ def _cached_file(target: Path | None, make: Callable[[], bytes]) -> Path | bytes
 def _cached_graph(path: Path, cache_dir: Path | None) -> bytes:
     """The bytes of the model's exported graph, from the cache when present."""
     target = cache_dir / f"{_weights_key(path)}.onnx" if cache_dir is not None else None
-    source = _cached_file(target, lambda: export_onnx(path))
+    source = _cached_file(target, lambda: export_in_child(path))
     return source.read_bytes() if isinstance(source, Path) else source
 
 
@@ -228,34 +230,45 @@ def fuse_graph(source: Path | bytes, model_path: Path) -> bytes:
     return bytes(fused.model.SerializeToString())
 
 
-def fuse_in_child(source: Path | bytes, model_path: Path) -> bytes:
-    """`fuse_graph`, run by a fresh interpreter.
+def _in_child(task: str, *args: str) -> bytes:
+    """Run this module's `task` (export or fuse) in a fresh interpreter; the graph it writes.
 
-    In this process the optimizer would leave about 260 MiB of heap behind for good (its peak
-    is about 850 MiB for MiniLM) and add its own directories to `sys.path`.
+    Both would leave hundreds of MiB behind in this process for good: the export imports
+    torch (a process that exported its graph held 667 MiB instead of 286), and the fusion
+    peaks at about 850 MiB and adds the optimizer's directories to `sys.path`.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / "plain.onnx"
-        if isinstance(source, Path):
-            plain = source
-        else:
-            plain.write_bytes(source)
-        out = Path(tmp) / "fused.onnx"
+        out = Path(tmp) / "graph.onnx"
         # The child imports this module by name, wherever the package was run from.
         package_root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         done = subprocess.run(
-            [sys.executable, "-m", __name__, str(plain), str(model_path), str(out)],
+            [sys.executable, "-m", __name__, task, *args, str(out)],
             env={**os.environ, "PYTHONPATH": path},
             capture_output=True,
             text=True,
-            timeout=FUSION_TIMEOUT_S,
+            timeout=CHILD_TIMEOUT_S,
             check=False,
         )
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines()
-            raise RuntimeError(f"the fusion failed: {lines[-1] if lines else done.returncode}")
+            raise RuntimeError(f"the {task} failed: {lines[-1] if lines else done.returncode}")
         return out.read_bytes()
+
+
+def export_in_child(path: Path) -> bytes:
+    """`export_onnx(path)`, run by a fresh interpreter (see `_in_child`)."""
+    return _in_child("export", str(path))
+
+
+def fuse_in_child(source: Path | bytes, model_path: Path) -> bytes:
+    """`fuse_graph(source, model_path)`, run by a fresh interpreter (see `_in_child`)."""
+    if isinstance(source, Path):
+        return _in_child("fuse", str(source), str(model_path))
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "plain.onnx"
+        plain.write_bytes(source)
+        return _in_child("fuse", str(plain), str(model_path))
 
 
 def default_cache_dir() -> Path:
@@ -343,7 +356,7 @@ class OnnxEmbedder:
             tokenizer.enable_truncation(max_length=layout["max_length"])
             tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0)
             key = _weights_key(path)
-            source = _cached_file(self._cache_file(f"{key}.onnx"), lambda: export_onnx(path))
+            source = _cached_file(self._cache_file(f"{key}.onnx"), lambda: export_in_child(path))
             before = thread_ids()
             session = ort.InferenceSession(
                 source, self._options(spinning=False), providers=["CPUExecutionProvider"]
@@ -482,6 +495,11 @@ class OnnxEmbedder:
 
 
 if __name__ == "__main__":
-    # The child of `fuse_in_child`: PLAIN_GRAPH MODEL_DIR OUTPUT.
-    plain_graph, model_dir, output = sys.argv[1:4]
-    Path(output).write_bytes(fuse_graph(Path(plain_graph), Path(model_dir)))
+    # The child of `_in_child`: export MODEL_DIR OUTPUT, or fuse PLAIN_GRAPH MODEL_DIR OUTPUT.
+    task, *paths = sys.argv[1:]
+    if task == "export":
+        Path(paths[1]).write_bytes(export_onnx(Path(paths[0])))
+    elif task == "fuse":
+        Path(paths[2]).write_bytes(fuse_graph(Path(paths[0]), Path(paths[1])))
+    else:
+        sys.exit(f"unknown task {task!r}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -109,7 +111,7 @@ def test_second_open_reads_the_cached_graphs(
     def no_export(*args: object) -> bytes:
         raise AssertionError("exported or fused again despite the cache")
 
-    monkeypatch.setattr(onnx_module, "export_onnx", no_export)
+    monkeypatch.setattr(onnx_module, "export_in_child", no_export)
     monkeypatch.setattr(onnx_module, "fuse_in_child", no_export)
     again = OnnxEmbedder(cache_dir=cache_dir)
     again.open()
@@ -279,5 +281,31 @@ def test_unsupported_layouts_are_refused(tmp_path: Path, damage: str) -> None:
 
 
 def test_a_fusion_that_fails_in_the_child_raises_with_its_last_error_line() -> None:
-    with pytest.raises(RuntimeError, match=r"the fusion failed: .*DecodeError"):
+    with pytest.raises(RuntimeError, match=r"the fuse failed: .*DecodeError"):
         onnx_module.fuse_in_child(b"not an ONNX graph", packaged_model_path())
+
+
+def test_an_export_that_fails_in_the_child_raises_with_its_last_error_line(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(RuntimeError, match=r"the export failed: \w+Error"):
+        onnx_module.export_in_child(tmp_path)
+
+
+def test_the_export_leaves_torch_out_of_this_process(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; "
+        "from retrievers.onnx_embedder import OnnxEmbedder; "
+        f"OnnxEmbedder(cache_dir=Path({str(tmp_path)!r}), lone_query_session=False).open(); "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
