@@ -211,15 +211,15 @@ def _cached_graph(path: Path, cache_dir: Path | None) -> bytes:
     return source.read_bytes() if isinstance(source, Path) else source
 
 
-def fuse_graph(source: Path | bytes, model_path: Path) -> bytes:
-    """`source` with ONNX Runtime's transformer fusions (attention, skip layer norm, bias
-    GELU, embedding layer norm), for the model at `model_path`."""
+def fuse_graph(source: Path, model_path: Path) -> bytes:
+    """The graph in `source` with ONNX Runtime's transformer fusions (attention, skip layer
+    norm, bias GELU, embedding layer norm), for the model at `model_path`."""
     import onnx
     from onnxruntime.transformers import optimizer
 
     config = model_path / "config.json"
     settings = _read_json(config) if config.is_file() else {}
-    graph = onnx.load_from_string(source if isinstance(source, bytes) else source.read_bytes())
+    graph = onnx.load(str(source))
     fused = optimizer.optimize_model(
         graph,
         model_type="bert",
