@@ -50,7 +50,7 @@ from app.errors import (
     UpstreamTimeout,
 )
 from app.llm.breaker import CircuitBreaker, Clock, Health, Permit
-from app.llm.transport import FastHTTPTransport
+from app.llm.transport import FastHTTPTransport, cookieless_jar
 from app.settings import Upstream
 
 __all__ = [
@@ -416,6 +416,7 @@ class UpstreamClient:
             headers=headers,
             timeout=timeout,
             follow_redirects=False,
+            cookies=cookieless_jar(),
             transport=transport,
         )
 

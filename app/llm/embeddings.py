@@ -18,6 +18,8 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
+from app.llm.transport import cookieless_jar
+
 __all__ = ["EmbeddingServiceError", "OpenAIEmbedder"]
 
 logger = logging.getLogger("iclserve.upstream")
@@ -101,6 +103,7 @@ class OpenAIEmbedder:
                     headers=headers,
                     timeout=httpx.Timeout(self._timeout),
                     follow_redirects=False,
+                    cookies=cookieless_jar(),
                     transport=self._transport,
                 )
             if not self.dim:

@@ -24,12 +24,13 @@ import logging
 import socket
 from collections import deque
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import cast
 
 import httptools
 import httpx
 
-__all__ = ["FastHTTPTransport"]
+__all__ = ["FastHTTPTransport", "cookieless_jar"]
 
 # The upstream client's logger. Debug lines name the host and port only: never a header,
 # a body or a key.
@@ -39,6 +40,15 @@ _HIGH_WATER = 256 * 1024
 """Unread response bytes at which the socket stops being read (resumed at a quarter)."""
 
 _MAX_IDLE_PER_HOST = 32
+
+
+def cookieless_jar() -> CookieJar:
+    """A cookie jar for httpx clients that neither keeps nor sends cookies.
+
+    One upstream client serves every request of the server: a cookie that an upstream sets
+    in answer to one request must not travel with the next, whoever sends it.
+    """
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 class _Connection(asyncio.Protocol):

@@ -75,9 +75,10 @@ until `clear_faults()` when times is None; `path` limits it to one path such as
 
 If the API key is set, a request without `Authorization: Bearer <key>` gets 401 with a
 message that echoes the key it sent (as real providers do), so tests can check that nothing
-upstream says reaches the client verbatim. Client disconnects are recorded (`disconnects`,
-`wait_for_disconnect`), and the handler is cancelled at once, as a real server would stop
-generating.
+upstream says reaches the client verbatim. `fake.response_headers` (name, value) pairs are
+added to every answer but a `"status"` fault's, such as a `Set-Cookie`. Client disconnects
+are recorded (`disconnects`, `wait_for_disconnect`), and the handler is cancelled at once, as
+a real server would stop generating.
 """
 
 from __future__ import annotations
@@ -367,6 +368,8 @@ class FakeUpstream:
         self._counter = 0
         self.logprobs_enabled = True  # False: ignore `logprobs` like a server without it
         self.n_enabled = True  # False: ignore `n` (always one choice)
+        # Sent with every answer that is not a "status" fault, e.g. ("set-cookie", "id=1").
+        self.response_headers: list[tuple[str, str]] = []
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -598,7 +601,7 @@ class FakeUpstream:
         except _HTTPError as exc:
             status, content_type = exc.status, "application/json"
             chunks = [_error_body(exc.message, exc.error_type)]
-        await self._emit(send, status, content_type, chunks, faults, [], peer)
+        await self._emit(send, status, content_type, chunks, faults, self.response_headers, peer)
 
     async def _reset(self, peer: tuple[str, int] | None) -> None:
         """Reset the connection of `peer`: RST instead of FIN, as a crashed or killed peer does."""

@@ -155,6 +155,26 @@ async def test_authorization_sent_only_when_configured() -> None:
         assert len(fake.requests) == 2  # 401 is not retried
 
 
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_cookies_an_upstream_sets_are_never_sent_back(
+    fake: FakeUpstream, transport: str
+) -> None:
+    # One connection pool serves every client of the proxy: a cookie set in answer to one
+    # request must not travel with the next one, whoever sends it.
+    fake.response_headers = [
+        ("set-cookie", "session=client-a; Path=/"),
+        ("set-cookie", "__cf_bm=abc; Path=/; HttpOnly"),
+    ]
+    chosen = None if transport == "lean" else httpx.AsyncHTTPTransport()
+    async with UpstreamClient([make_upstream(fake)], transport=chosen) as client:
+        await client.complete("/chat/completions", chat())
+        await client.complete("/chat/completions", chat())
+        await collect(await client.open_stream("/chat/completions", chat()))
+        await client.list_models()
+    assert len(fake.requests) == 4
+    assert all("cookie" not in request.headers for request in fake.requests)
+
+
 async def test_invalid_json_from_upstream(fake: FakeUpstream) -> None:
     fake.set_fault("status", code=200, body="<html>not json</html>")
     async with UpstreamClient([make_upstream(fake)]) as client:

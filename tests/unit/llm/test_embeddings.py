@@ -45,6 +45,17 @@ def test_given_dim_skips_the_probe_and_empty_input(fake: FakeUpstream) -> None:
     assert len(fake.requests) == 1
 
 
+def test_cookies_the_service_sets_are_never_sent_back(fake: FakeUpstream) -> None:
+    fake.response_headers = [("set-cookie", "session=first-upload; Path=/")]
+    embedder = OpenAIEmbedder(fake.base_url, "emb", batch_size=1).open()
+    try:
+        embedder.embed(TEXTS[:3])
+    finally:
+        embedder.close()
+    assert len(fake.requests) == 1 + 3
+    assert all("cookie" not in request.headers for request in fake.requests)
+
+
 def test_dimension_mismatch_is_an_error(fake: FakeUpstream) -> None:
     embedder = OpenAIEmbedder(fake.base_url, "emb", dim=16)
     with pytest.raises(EmbeddingServiceError, match="expected 16"):
