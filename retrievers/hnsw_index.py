@@ -74,6 +74,9 @@ class HNSWIPIndex:
         self._ids = np.empty(0, dtype=np.int64)  # sorted, visible ids
         self._hidden = np.empty(0, dtype=np.int64)  # sorted, removed ids still in the graph
         self._nodes = 0  # graph nodes, stale ones included
+        self._node_ids = np.empty(0, dtype=np.int64)  # the id of each graph node
+        self._node_vectors = np.empty((0, dim), dtype=np.float32)  # the graph's own storage
+        self._params: dict[int, Any] = {}  # SearchParametersHNSW by search width
 
     @classmethod
     def build(
@@ -104,6 +107,13 @@ class HNSWIPIndex:
         self._ids = np.union1d(self._ids, new_ids)
         self._hidden = np.setdiff1d(self._hidden, new_ids, assume_unique=True)
         self._nodes += new_ids.size
+        self._node_ids = np.concatenate([self._node_ids, new_ids])
+        # A view of the graph's flat storage, taken again after every add since the storage
+        # may have moved; the graph (held by self) owns the memory.
+        storage: Any = faiss.downcast_index(self._graph.storage)  # an IndexFlat
+        self._node_vectors = faiss.rev_swig_ptr(storage.get_xb(), self._nodes * self.dim).reshape(
+            self._nodes, self.dim
+        )
 
     def remove(self, ids: NDArray[np.int64]) -> int:
         gone = np.intersect1d(check_ids(ids), self._ids)
@@ -121,13 +131,31 @@ class HNSWIPIndex:
             return empty_result(nq, n)
         stale = self._nodes - self.count()
         window = min(self._nodes, n + _EXTRA + stale)
-        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in the stubs
-        params.efSearch = max(self.ef_search, window)
-        _, found = search_index(self._index, queries, window, params)
         if stale:
+            _, found = search_index(self._index, queries, window, self._params_for(window))
             found = np.where(np.isin(found, self._hidden), PAD_ID, found)
             found = _drop_repeats(found)
-        return rank_rows(self._rescore(queries, found), found, n)
+            return rank_rows(self._rescore(queries, found), found, n)
+        # Every node is live (what the app builds): search the graph itself, map its node
+        # numbers to ids and read their vectors in place. Going through the id map costs a
+        # lookup and a copy per candidate, which on a small pool cost as much as the walk.
+        _, nodes = search_index(self._graph, queries, window, self._params_for(window))
+        missing = nodes < 0
+        found = np.where(missing, PAD_ID, self._node_ids[nodes])
+        exact = np.einsum("ijk,ik->ij", self._node_vectors[nodes], queries, dtype=np.float64)
+        scores = exact.astype(np.float32)
+        scores[missing] = -np.inf
+        return rank_rows(scores, found, n)
+
+    def _params_for(self, window: int) -> Any:
+        # Made once per width: FAISS only reads them, so concurrent searches may share one.
+        width = max(self.ef_search, window)
+        params = self._params.get(width)
+        if params is None:
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # not in stubs
+            params.efSearch = width
+            self._params[width] = params
+        return params
 
     def search_subset(
         self, vectors: NDArray[np.float32], n: int, allowed_ids: NDArray[np.int64]

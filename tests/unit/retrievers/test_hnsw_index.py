@@ -75,6 +75,21 @@ def test_wider_search_never_loses_recall(data) -> None:  # type: ignore[no-untyp
     assert recall(index.search(queries, 8)[1], want) >= narrow
 
 
+def test_graph_grown_in_batches_scores_every_vector_in_place() -> None:
+    # The search reads candidates from the graph's own storage, which moves as it grows.
+    rng = np.random.default_rng(5)
+    vectors = clustered(rng, 900, 24, 9)
+    ids = rng.permutation(900).astype(np.int64) * 7 + 2
+    index = HNSWIPIndex(24, ef_search=1_000)
+    for part in np.array_split(np.arange(900), 3):
+        index.add(ids[part], vectors[part])
+    queries = clustered(np.random.default_rng(6), 40, 24, 9)
+    want = NumpyExactIndex.build(ids, vectors).search(queries, 12)
+    got = index.search(queries, 12)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
 def test_removed_ids_disappear_and_can_return() -> None:
     rng = np.random.default_rng(1)
     vectors = clustered(rng, 500, 16, 5)
