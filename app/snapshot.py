@@ -247,6 +247,10 @@ class PoolSnapshot:
     ) -> Candidates:
         if not found_ids:
             return Candidates.empty(self.dim)
+        if len(found_ids) == 1:
+            # One search (kNN, MMR): its ids are distinct and already in (score, id) order.
+            found = found_ids[0] >= 0
+            return self.candidates_at(self.positions(found_ids[0][found]), found_scores[0][found])
         all_ids = np.concatenate(found_ids)
         all_scores = np.concatenate(found_scores)
         keep = all_ids >= 0
