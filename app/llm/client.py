@@ -50,7 +50,7 @@ from app.errors import (
     UpstreamTimeout,
 )
 from app.llm.breaker import CircuitBreaker, Clock, Health, Permit
-from app.llm.transport import FastHTTPTransport, cookieless_jar
+from app.llm.transport import CookielessAsyncClient, FastHTTPTransport
 from app.settings import Upstream
 
 __all__ = [
@@ -411,12 +411,11 @@ class UpstreamClient:
         timeout = httpx.Timeout(upstream.total_timeout, connect=upstream.connect_timeout)
         if transport is None and httpx.URL(upstream.base_url).scheme == "http":
             transport = FastHTTPTransport()
-        return httpx.AsyncClient(
+        return CookielessAsyncClient(
             base_url=upstream.base_url,
             headers=headers,
             timeout=timeout,
             follow_redirects=False,
-            cookies=cookieless_jar(),
             transport=transport,
         )
 

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
-from app.llm.transport import cookieless_jar
+from app.llm.transport import CookielessClient
 
 __all__ = ["EmbeddingServiceError", "OpenAIEmbedder"]
 
@@ -98,12 +98,11 @@ class OpenAIEmbedder:
                 headers = {"User-Agent": "iclserve"}
                 if self._api_key:
                     headers["Authorization"] = f"Bearer {self._api_key}"
-                self._client = httpx.Client(
+                self._client = CookielessClient(
                     base_url=self.base_url,
                     headers=headers,
                     timeout=httpx.Timeout(self._timeout),
                     follow_redirects=False,
-                    cookies=cookieless_jar(),
                     transport=self._transport,
                 )
             if not self.dim:
