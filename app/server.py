@@ -33,6 +33,17 @@ def keep_large_blocks_off_the_heap() -> None:
     mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
+def quiet_http_client_logs() -> None:
+    """Keep httpx's and httpcore's own records to warnings and above.
+
+    At INFO, httpx logs a line per request with its full URL: an access log of the upstream
+    calls that may carry credentials in the URL. The upstream client logs what matters itself
+    (`iclserve.upstream`: name, status, timing), and failures at INFO.
+    """
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def serve(settings: Settings) -> None:
     """Serve until interrupted. Refuses a public bind without keys."""
     settings.check_bind()
@@ -42,6 +53,7 @@ def serve(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_http_client_logs()
     app = create_app(settings)
     uvicorn.run(
         app,

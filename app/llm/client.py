@@ -844,7 +844,9 @@ class UpstreamClient:
         permit: Permit | None = None,
     ) -> None:
         self._settle(upstream, permit, _health(outcome, status))
-        self._log(upstream, status, seconds, detail or outcome)
+        # A line per successful call would be an access log; the server keeps that off.
+        level = logging.DEBUG if outcome == "ok" else logging.INFO
+        self._log(upstream, status, seconds, detail or outcome, level)
         if self._on_result is None:
             return
         try:
@@ -853,9 +855,17 @@ class UpstreamClient:
             logger.exception("on_result hook failed")
 
     @staticmethod
-    def _log(upstream: Upstream, status: int | None, seconds: float | None, what: str) -> None:
+    def _log(
+        upstream: Upstream,
+        status: int | None,
+        seconds: float | None,
+        what: str,
+        level: int = logging.INFO,
+    ) -> None:
         # Name, status, timing and our own message only: never URLs, bodies or headers.
         if seconds is None:
-            logger.info("upstream %s: HTTP %s (%s)", upstream.name, status, what)
+            logger.log(level, "upstream %s: HTTP %s (%s)", upstream.name, status, what)
         else:
-            logger.info("upstream %s: HTTP %s in %.3fs (%s)", upstream.name, status, seconds, what)
+            logger.log(
+                level, "upstream %s: HTTP %s in %.3fs (%s)", upstream.name, status, seconds, what
+            )

@@ -22,6 +22,7 @@ from app.llm.client import (
     UpstreamRejectedUnprocessable,
     UpstreamStream,
 )
+from app.server import quiet_http_client_logs
 from app.settings import Upstream
 from tests.fakes.upstream import FakeUpstream, answer_chat
 from tests.unit.llm.helpers import make_upstream
@@ -669,3 +670,41 @@ async def test_key_never_reaches_errors_or_logs(caplog: pytest.LogCaptureFixture
         assert KEY[:12] not in str(error)
     assert KEY not in caplog.text
     assert caplog.records  # the client did log: name, status, timing
+
+
+# -- logging ------------------------------------------------------------------------------
+
+
+async def test_successful_calls_log_at_debug_and_failures_at_info(
+    fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="iclserve.upstream")
+    upstream = make_upstream(fake, max_retries=0)
+    async with UpstreamClient([upstream]) as client:
+        await client.complete("/chat/completions", chat())
+        await collect(await client.open_stream("/chat/completions", chat()))
+        fake.set_fault("status", code=503, times=1)
+        with pytest.raises(UpstreamError):
+            await client.complete("/chat/completions", chat())
+    levels = [(r.levelno, r.getMessage().split(" in ")[0]) for r in caplog.records]
+    assert levels.count((logging.DEBUG, "upstream fake: HTTP 200")) == 2
+    assert (logging.INFO, "upstream fake: HTTP 503") in levels
+    assert all(level == logging.INFO for level, text in levels if "503" in text)
+
+
+def test_server_keeps_httpx_request_lines_out_of_its_logs(
+    fake: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # httpx logs every request with its full URL at INFO; the server's log config drops it.
+    loggers = [logging.getLogger(name) for name in ("httpx", "httpcore")]
+    before = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.NOTSET)
+        quiet_http_client_logs()
+        caplog.set_level(logging.INFO)
+        assert httpx.get(f"{fake.base_url}/models?key=canary").status_code == 200
+        assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
+    finally:
+        for lg, level in zip(loggers, before, strict=True):
+            lg.setLevel(level)
