@@ -241,7 +241,7 @@ class Pipeline:
         ctx = SelectionContext(
             pool=snapshot.pool,
             pool_version=snapshot.version,
-            rng=np.random.default_rng(seed),
+            seed=seed,
             label_names=snapshot.label_names,
         )
         chosen = spec.build(snapshot.label_names).select(vector, candidates, k, ctx)

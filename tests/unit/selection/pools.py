@@ -59,9 +59,7 @@ def make_pool(
 
 
 def make_ctx(seed: int = 0, label_names: tuple[str, ...] = ()) -> SelectionContext:
-    return SelectionContext(
-        pool="test", pool_version=1, rng=np.random.default_rng(seed), label_names=label_names
-    )
+    return SelectionContext(pool="test", pool_version=1, seed=seed, label_names=label_names)
 
 
 def id_list(c: Candidates) -> list[int]:

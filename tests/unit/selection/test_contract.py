@@ -97,3 +97,23 @@ def test_selector_contract_on_empty_candidates(spec_cls: Any) -> None:
         .select(np.zeros(8, np.float32), Candidates.empty(8), 4, make_ctx())
     )
     assert len(got) == 0
+
+
+def test_context_rng_is_the_seeded_generator_made_once() -> None:
+    ctx = make_ctx(seed=42)
+    first = ctx.rng
+    assert ctx.rng is first
+    want = np.random.default_rng(42)
+    assert first.permutation(50).tolist() == want.permutation(50).tolist()
+
+
+@pytest.mark.parametrize("method", ["knn", "mmr", "balanced"])
+@pytest.mark.parametrize("order", ["nearest_last", "nearest_first", "as_selected"])
+def test_deterministic_strategies_never_make_the_generator(method: str, order: str) -> None:
+    # Making one is most of a kNN request's selection cost on an idle server.
+    pool = make_pool(seed=3, n=40, n_labels=4)
+    spec = next(cls for cls in SPEC_CLASSES if cls.model_fields["method"].default == method)
+    ctx = make_ctx(seed=3, label_names=LABEL_NAMES[:4])
+    chosen = make_spec(spec).build(LABEL_NAMES[:4]).select(pool.query, pool.candidates, 5, ctx)
+    build_orderer(order).order(pool.query, chosen, ctx)
+    assert ctx._rng is None
