@@ -32,6 +32,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -188,6 +189,71 @@ def _row_to_example(row: sqlite3.Row) -> ExampleRow:
     )
 
 
+class _RowCache:
+    """Rows of published versions by (pool, version, id), least recently used out first.
+
+    A row as of a published version never changes (annotations and removals make new
+    versions), so a hit needs no read; the demonstrations a pool serves repeat from query to
+    query. Bounded in rows and in characters. `forget` (a pool deleted: its versions and ids
+    may be used again) bumps a generation, and a read that overlapped it stores nothing.
+    """
+
+    def __init__(self, max_rows: int, max_chars: int) -> None:
+        self.max_rows = max_rows
+        self.max_chars = max_chars
+        self._rows: OrderedDict[tuple[str, int, int], tuple[ExampleRow, int]] = OrderedDict()
+        self._chars = 0
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    @property
+    def generation(self) -> int:
+        """Take it before deciding that a version is published, and store under it."""
+        with self._lock:
+            return self._generation
+
+    def lookup(self, pool: str, version: int, ids: Sequence[int]) -> dict[int, ExampleRow]:
+        """The rows of `ids` that are here."""
+        found: dict[int, ExampleRow] = {}
+        with self._lock:
+            for row_id in ids:
+                entry = self._rows.get((pool, version, row_id))
+                if entry is not None:
+                    self._rows.move_to_end((pool, version, row_id))
+                    found[row_id] = entry[0]
+        return found
+
+    def store(self, pool: str, version: int, rows: Sequence[ExampleRow], generation: int) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            for row in rows:
+                size = _row_chars(row)
+                key = (pool, version, row.id)
+                if size > self.max_chars // 16 or key in self._rows:
+                    continue
+                self._rows[key] = (row, size)
+                self._chars += size
+            while self._rows and (len(self._rows) > self.max_rows or self._chars > self.max_chars):
+                _, (_, size) = self._rows.popitem(last=False)
+                self._chars -= size
+
+    def forget(self, pool: str) -> None:
+        with self._lock:
+            self._generation += 1
+            for key in [key for key in self._rows if key[0] == pool]:
+                self._chars -= self._rows.pop(key)[1]
+
+
+def _row_chars(row: ExampleRow) -> int:
+    meta = 0 if row.metadata is None else len(json.dumps(row.metadata))
+    return len(row.input) + len(row.output or "") + len(row.label or "") + meta + 64
+
+
+ROW_CACHE_ROWS = 4_096
+ROW_CACHE_CHARS = 8_000_000
+
+
 class PoolStore:
     def __init__(
         self, data_dir: Path, *, max_pools: int = 1000, index: IndexSettings | None = None
@@ -210,6 +276,7 @@ class PoolStore:
         self._settings: dict[str, PoolSettings] = {}
         self._settings_generation = 0
         self._settings_guard = threading.Lock()
+        self._rows = _RowCache(ROW_CACHE_ROWS, ROW_CACHE_CHARS)
 
     def close(self) -> None:
         self.db.close()
@@ -453,6 +520,9 @@ class PoolStore:
             with self._snapshot_guard:
                 self._snapshots.pop(pool, None)
                 self._issued.pop(pool, None)
+            # After the snapshot is gone: a reader that still saw it as published took the
+            # generation before this, so what it read cannot be stored.
+            self._rows.forget(pool)
             self._remove_unreferenced_files(pool)
 
     # ---------------------------------------------------------------------------- uploads
@@ -843,17 +913,31 @@ class PoolStore:
         An id that is not in that version is a conflict (the pool changed under the request),
         or is left out with `skip_missing`.
         """
-        by_id: dict[int, ExampleRow] = {}
-        with self.db.read() as conn:
-            # Chunks keep the statement under SQLite's bound-parameter limit.
-            for start in range(0, len(ids), 900):
-                chunk = ids[start : start + 900]
-                params: dict[str, Any] = {"pool": pool, "v": version}
-                params.update({f"i{n}": int(i) for n, i in enumerate(chunk)})
-                marks = ",".join(f":i{n}" for n in range(len(chunk)))
-                query = _VISIBLE_MATCHING.format(match=f"e.id IN ({marks}) AND +e.pool = :pool")
-                for r in conn.execute(query, params):
-                    by_id[int(r["id"])] = _row_to_example(r)
+        wanted = [int(i) for i in ids]
+        generation = self._rows.generation
+        published = self._is_published(pool, version)
+        if published:
+            by_id = self._rows.lookup(pool, version, wanted)
+            unread = [i for i in wanted if i not in by_id]
+        else:
+            by_id, unread = {}, wanted
+        if unread:
+            read: list[ExampleRow] = []
+            with self.db.read() as conn:
+                # Chunks keep the statement under SQLite's bound-parameter limit.
+                for start in range(0, len(unread), 900):
+                    chunk = unread[start : start + 900]
+                    params: dict[str, Any] = {"pool": pool, "v": version}
+                    params.update({f"i{n}": i for n, i in enumerate(chunk)})
+                    marks = ",".join(f":i{n}" for n in range(len(chunk)))
+                    match = f"e.id IN ({marks}) AND +e.pool = :pool"
+                    read.extend(
+                        _row_to_example(r)
+                        for r in conn.execute(_VISIBLE_MATCHING.format(match=match), params)
+                    )
+            by_id.update((row.id, row) for row in read)
+            if published:
+                self._rows.store(pool, version, read, generation)
         if skip_missing:
             return [by_id[int(i)] for i in ids if int(i) in by_id]
         missing = [i for i in ids if int(i) not in by_id]
@@ -862,6 +946,12 @@ class PoolStore:
                 f"pool '{pool}' changed while the request ran; retry it", code="pool_changed"
             )
         return [by_id[int(i)] for i in ids]
+
+    def _is_published(self, pool: str, version: int) -> bool:
+        """Whether `version` of `pool` is published (at or below its loaded active version)."""
+        with self._snapshot_guard:
+            active = self._snapshots.get(pool)
+        return active is not None and 0 < version <= active.version
 
     def page_examples(
         self, pool: str, *, offset: int, limit: int, labeled: bool | None
