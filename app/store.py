@@ -194,8 +194,9 @@ class _RowCache:
 
     A row as of a published version never changes (annotations and removals make new
     versions), so a hit needs no read; the demonstrations a pool serves repeat from query to
-    query. Bounded in rows and in characters. `forget` (a pool deleted: its versions and ids
-    may be used again) bumps a generation, and a read that overlapped it stores nothing.
+    query. Bounded in rows and in characters. What the database forgets, this forgets too:
+    `forget` (a pool deleted, whose version numbers start again; or its old versions
+    collected) bumps a generation, and a read that overlapped it stores nothing.
     """
 
     def __init__(self, max_rows: int, max_chars: int) -> None:
@@ -238,10 +239,12 @@ class _RowCache:
                 _, (_, size) = self._rows.popitem(last=False)
                 self._chars -= size
 
-    def forget(self, pool: str) -> None:
+    def forget(self, pool: str, *, before: int | None = None) -> None:
+        """Drop `pool`'s rows (of the versions before `before`, if given)."""
         with self._lock:
             self._generation += 1
-            for key in [key for key in self._rows if key[0] == pool]:
+            gone = [k for k in self._rows if k[0] == pool and (before is None or k[1] < before)]
+            for key in gone:
                 self._chars -= self._rows.pop(key)[1]
 
 
@@ -784,6 +787,7 @@ class PoolStore:
                 oldest = min({previous, *self._pinned_versions(pool)})
                 with self.db.write() as conn:
                     self._forget_before(conn, pool, oldest)
+                self._rows.forget(pool, before=oldest)
                 fault_point("garbage_committed")
                 self._remove_unreferenced_files(pool, fault_after_first="garbage_file_removed")
         except (ICLServeError, OSError) as exc:

@@ -181,3 +181,9 @@ def test_row_cache_bounds_and_generations() -> None:
     assert by_rows.lookup("p", 1, [7]) == {}
     by_rows.store("p", 1, [row(7)], by_rows.generation)
     assert list(by_rows.lookup("p", 1, [7])) == [7]
+
+    by_rows.store("p", 2, [row(8)], by_rows.generation)
+    by_rows.store("q", 1, [row(9)], by_rows.generation)
+    by_rows.forget("p", before=2)  # old versions collected: 1 goes, 2 stays, q untouched
+    assert by_rows.lookup("p", 1, [7]) == {}
+    assert list(by_rows.lookup("p", 2, [8])) == [8] and list(by_rows.lookup("q", 1, [9])) == [9]
