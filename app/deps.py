@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import Forbidden, ICLServeError, Unauthorized
 from app.services import Services
@@ -58,21 +57,20 @@ def caller_role(request: Request, services: Services) -> Literal["admin", "clien
     raise Unauthorized("invalid API key", code="invalid_api_key")
 
 
-# Declares the bearer scheme in the OpenAPI document (and so in /docs); it checks nothing, and
-# it never raises: caller_role checks the key, including the no-keys mode.
-_bearer_scheme = HTTPBearer(
-    scheme_name="bearer",
-    description="An admin or a client key: `Authorization: Bearer <key>`.",
-    auto_error=False,
-)
-BearerDoc = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)]
+# The OpenAPI document's security scheme; `app.main` marks every route behind a key with it.
+# (Not a FastAPI security dependency: one would parse the header again on every request.)
+BEARER_SCHEME: dict[str, str] = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "An admin or a client key: `Authorization: Bearer <key>`.",
+}
 
 
-async def require_client(request: Request, services: ServicesDep, _: BearerDoc) -> str:
+async def require_client(request: Request, services: ServicesDep) -> str:
     return caller_role(request, services)
 
 
-async def require_admin(request: Request, services: ServicesDep, _: BearerDoc) -> str:
+async def require_admin(request: Request, services: ServicesDep) -> str:
     role = caller_role(request, services)
     if role != "admin":
         raise _admin_required()

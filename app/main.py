@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
 
-from app.deps import required_role
+from app.deps import BEARER_SCHEME, required_role
 from app.http import (
     ERROR_MEANINGS,
     BodySizeLimit,
@@ -49,8 +49,10 @@ def _declare_errors(app: FastAPI, schema: dict[str, Any]) -> None:
     route declares its own), and every operation gets the errors that follow from its inputs
     and its key check: 400 with parameters or a body, 413 with a body, 401 behind a key, 403
     behind an admin key. Routes declare the rest (404, 409, 422, 5xx) where they arise.
+    Operations behind a key also get the bearer security scheme.
     """
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    schema.setdefault("components", {})["securitySchemes"] = {"bearer": BEARER_SCHEME}
+    components = schema["components"].setdefault("schemas", {})
     error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
     definitions = error_schema.pop("$defs", {})
     definitions[ErrorResponse.__name__] = error_schema
@@ -70,6 +72,8 @@ def _declare_errors(app: FastAPI, schema: dict[str, Any]) -> None:
             if 422 not in route.responses and "422" not in route.responses:
                 responses.pop("422", None)
             role = required_role(route.dependant)
+            if role is not None:
+                operation["security"] = [{"bearer": []}]
             codes = {401, 403} if role == "admin" else {401} if role == "client" else set()
             if operation.get("parameters") or "requestBody" in operation:
                 codes.add(400)

@@ -321,3 +321,22 @@ def test_without_keys_everyone_is_admin(tmp_path: Path, upstream: FakeUpstream) 
     with TestClient(create_app(settings)) as client:
         assert client.put("/v1/pools/open", json={}).status_code == 200
         assert client.get("/v1/jobs").status_code == 200
+
+
+def test_openapi_marks_exactly_the_routes_behind_a_key(keyed: tuple[TestClient, Settings]) -> None:
+    client, _ = keyed
+    document = client.get("/openapi.json").json()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    marked = {
+        (method.upper(), path)
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if operation.get("security") == [{"bearer": []}]
+    }
+    documented = {
+        (method.upper(), path)
+        for path, operations in document["paths"].items()
+        for method in operations
+    }
+    assert marked == documented & (CLIENT | ADMIN)
+    assert documented & PUBLIC and not marked & PUBLIC
