@@ -101,6 +101,17 @@ def speed_probe() -> str:
     )
 
 
+_start_probe: str | None = None
+
+
+def probe_speed_at_start() -> None:
+    """Take the speed probe before the timed work, for `machine_header` to show next to the
+    one it takes at the end: a run during which the machine changed pace says so."""
+    global _start_probe
+    if _start_probe is None:
+        _start_probe = speed_probe()
+
+
 def machine_header(title: str, extra: dict[str, Any] | None = None) -> str:
     """Markdown lines naming the machine, thread settings and versions of this run."""
     flags = ""
@@ -135,6 +146,7 @@ def machine_header(title: str, extra: dict[str, Any] | None = None) -> str:
         f" ({flags}); python {platform.python_version()}",
         f"- threads: {', '.join(f'{k}={v}' for k, v in threads.items())}",
         f"- versions: {versions}",
+        *([f"- speed probe at the start of the run: {_start_probe}"] if _start_probe else []),
         f"- speed probe at the end of the run: {speed_probe()}",
     ]
     for key, value in (extra or {}).items():

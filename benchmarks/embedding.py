@@ -46,7 +46,7 @@ from numpy.typing import NDArray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine_header, table
+from _common import machine_header, probe_speed_at_start, table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    probe_speed_at_start()
     if args.quick:
         args.pool, args.queries = 2000, 100
     pool_texts, queries = texts(args.pool, args.queries)

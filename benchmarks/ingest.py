@@ -55,7 +55,15 @@ except ImportError:  # a tree from before app/threads.py
 else:
     configure_threads()
 
-from _common import ADMIN_KEY, iclserve, machine_header, peak_rss_mib, table, wait_job  # noqa: E402
+from _common import (  # noqa: E402
+    ADMIN_KEY,
+    iclserve,
+    machine_header,
+    peak_rss_mib,
+    probe_speed_at_start,
+    table,
+    wait_job,
+)
 
 from tests.datasets import topic_rows  # noqa: E402
 
@@ -123,6 +131,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="2,000 rows; publish 5,000")
     args = parser.parse_args()
+    probe_speed_at_start()
     n = args.rows or (2_000 if args.quick else 20_000)
     n_publish = args.publish_rows
     if n_publish is None:

@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.datasets
 
-from _common import CLIENT_KEY, iclserve, machine_header, peak_rss_mib, table
+from _common import CLIENT_KEY, iclserve, machine_header, peak_rss_mib, probe_speed_at_start, table
 from loadgen import load, loop_name, post_bytes, run
 from proxy import MODEL, POOL, copy_data_dir, seeded_workspace, upstreams_env
 from zero_upstream import ZeroUpstream, process_cpu_seconds
@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--quick", action="store_true", help="5 s after 2 s warm-up, 2k pool")
     args = parser.parse_args()
+    probe_speed_at_start()
     if args.quick:
         args.duration, args.warmup, args.pool_size = 5.0, 2.0, 2_000
     endpoints = [e for e in args.endpoints.split(",") if e]

@@ -56,6 +56,7 @@ from _common import (
     iclserve,
     machine_header,
     percentiles,
+    probe_speed_at_start,
     table,
     wait_job,
 )
@@ -250,6 +251,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--quick", action="store_true", help="50 requests, 5 warm-up, 2k pool")
     args = parser.parse_args()
+    probe_speed_at_start()
     if args.quick:
         args.requests, args.warmup, args.pool_size = 50, 5, 2_000
     if args.requests < 1 or args.warmup < 0 or args.pool_size < args.k:

@@ -80,6 +80,7 @@ from _common import (
     machine_header,
     peak_rss_mib,
     percentiles,
+    probe_speed_at_start,
     seed_pool,
     table,
 )
@@ -546,6 +547,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="sizes 1000,10000; 50 queries")
     args = parser.parse_args()
+    probe_speed_at_start()
     sizes = [
         int(s) for s in (args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)).split(",")
     ]

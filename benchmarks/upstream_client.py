@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: app
 
 import httpx
-from _common import machine_header, percentiles, table
+from _common import machine_header, percentiles, probe_speed_at_start, table
 from loadgen import Timer, loop_name, post_bytes, run
 from zero_upstream import ZeroUpstream
 
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--quick", action="store_true", help="300 requests, 50 warm-up")
     args = parser.parse_args()
+    probe_speed_at_start()
     if args.quick:
         args.requests, args.warmup = 300, 50
     if args.requests < 1 or args.warmup < 0:
