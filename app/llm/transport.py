@@ -58,7 +58,21 @@ class _NoCookies(httpx.Cookies):
         raise TypeError("this client keeps no cookies")
 
 
-class CookielessAsyncClient(httpx.AsyncClient):
+class _WithoutCookies:
+    """Mixed into an httpx client ahead of it: its `cookies` is always empty."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        raise TypeError("this client keeps no cookies")
+
+
+class CookielessAsyncClient(_WithoutCookies, httpx.AsyncClient):
     """An `httpx.AsyncClient` that neither keeps nor sends cookies.
 
     One client serves every request of the server: a cookie that an upstream sets in answer
@@ -67,29 +81,9 @@ class CookielessAsyncClient(httpx.AsyncClient):
     about 0.2 ms per call on an idle 2-core server.
     """
 
-    _no_cookies = _NoCookies()
 
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return self._no_cookies
-
-    @cookies.setter
-    def cookies(self, cookies: object) -> None:
-        raise TypeError("this client keeps no cookies")
-
-
-class CookielessClient(httpx.Client):
+class CookielessClient(_WithoutCookies, httpx.Client):
     """The synchronous `CookielessAsyncClient` (for the embeddings service)."""
-
-    _no_cookies = _NoCookies()
-
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return self._no_cookies
-
-    @cookies.setter
-    def cookies(self, cookies: object) -> None:
-        raise TypeError("this client keeps no cookies")
 
 
 class _Connection(asyncio.Protocol):
