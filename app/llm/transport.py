@@ -24,7 +24,6 @@ import logging
 import socket
 from collections import deque
 from collections.abc import AsyncIterator
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import cast
 
 import httptools
@@ -44,9 +43,6 @@ _MAX_IDLE_PER_HOST = 32
 
 class _NoCookies(httpx.Cookies):
     """Always empty: a `Set-Cookie` is not even parsed, and no `Cookie` header is added."""
-
-    def __init__(self) -> None:
-        super().__init__(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
 
     def extract_cookies(self, response: httpx.Response) -> None:
         pass
