@@ -510,6 +510,37 @@ def test_json_element_cap() -> None:
     assert "element is longer than" in reason
 
 
+@pytest.mark.parametrize(
+    ("fmt", "doc"),
+    [
+        ("jsonl", jsonl({"input": "a"}, {"input": "b", "metadata": {"k": [1]}})),
+        ("json", '[{"input": "a"}, {"input": "b", "metadata": {"k": [1]}}]'),
+        ("csv", 'input,metadata\na,\nb,"{""k"": [1]}"\n'),
+    ],
+)
+def test_the_whole_parse_runs_with_the_collector_paused(
+    monkeypatch: pytest.MonkeyPatch, fmt: UploadFormat, doc: str
+) -> None:
+    # One pause around the parse, not one per decode: pausing costs more than a tiny row.
+    enabled_while_adding: list[bool] = []
+    add = ingest._Builder.add
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> None:
+        enabled_while_adding.append(gc.isenabled())
+        add(self, *args, **kwargs)
+
+    monkeypatch.setattr(ingest._Builder, "add", spy)
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        records = parse(doc, fmt)
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert [r.metadata for r in records] == [None, {"k": [1]}]
+    assert enabled_while_adding == [False, False]
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_decoding_pauses_the_collector_and_restores_it(enabled: bool) -> None:
     seen: list[bool] = []
