@@ -77,6 +77,9 @@ _EXTENSIONS: Final[dict[str, UploadFormat]] = {
     "csv": "csv",
 }
 _JSON_WS = re.compile(r"[ \t\n\r]*")
+# What may follow an array element: a comma and the whitespace after it, or the closing
+# bracket (group 1). One match instead of three calls per element of a huge array.
+_JSON_AFTER_ELEMENT = re.compile(r"[ \t\n\r]*(?:,[ \t\n\r]*|(\]))")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # csv.field_size_limit is process-wide state, so the CSV parse sets and restores it under a
@@ -446,6 +449,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+# The scanner raw_decode calls; JSONDecoder sets it in __init__, typeshed does not declare it.
+_scan_once: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 
 _collector_lock = threading.Lock()
 _collector_pauses = 0
@@ -599,7 +604,10 @@ def _decode_element(text: str, pos: int, max_chars: int) -> tuple[Any, int]:
         window = text[pos:end]
         truncated = end < size
         try:
-            value, used = _DECODER.raw_decode(window)
+            try:
+                value, used = _scan_once(window, 0)
+            except StopIteration as stop:  # what raw_decode turns it into, without its call
+                raise json.JSONDecodeError("Expecting value", window, stop.value) from None
         except json.JSONDecodeError as exc:
             # Running off the window's end shows up as an unterminated string or an error at
             # (or, for a cut literal or escape, just before) its last characters.
@@ -711,14 +719,14 @@ def _walk_json(
                     builder.add_mapping(obj, index)
                 if index == stop_after:
                     return decoded
-                pos = _skip_ws(text, pos)
-                if text.startswith(",", pos):
-                    pos = _skip_ws(text, pos + 1)
-                    continue
-                if text.startswith("]", pos):
-                    pos += 1
+                after = _JSON_AFTER_ELEMENT.match(text, pos)
+                if after is None:
+                    raise fatal(
+                        index, f"invalid JSON: expected ',' or ']' at {where(_skip_ws(text, pos))}"
+                    )
+                pos = after.end()
+                if after.lastindex == 1:  # the closing bracket
                     break
-                raise fatal(index, f"invalid JSON: expected ',' or ']' at {where(pos)}")
         pos = _skip_ws(text, pos)
         if wrapped:
             if not text.startswith("}", pos):
