@@ -38,6 +38,11 @@ _EXTRA = 32
 DEFAULT_M = 32
 DEFAULT_EF_CONSTRUCTION = 64
 DEFAULT_EF_SEARCH = 256
+"""Wide on purpose. Recall@8 against exact search, MiniLM, 300 held-out queries, default M and
+build width: Rotten Tomatoes snippets (10,466 rows) 0.948 at 64, 0.982 at 128, 0.994 at 256;
+BBC News (1,808) 0.991, 0.999, 1.000. Pools of near-duplicate texts reach their best at 32
+already, which says little about real ones. After an idle spell 256 costs about 0.3 ms more
+than 128 at 10k rows; `ICLSERVE_INDEX__HNSW_EF_SEARCH` trades it back where recall allows."""
 
 
 class HNSWIPIndex:
